@@ -1,0 +1,108 @@
+"""Every configuration key, with its default.
+
+Variants (configs/<dataset>/<model>_<process>.py) start from `get_config()`, which returns a *locked*
+ConfigDict: assigning a key that is not declared here raises an error naming it, so a misspelled key in a
+variant or on the command line (`--config.model.nff=64`) never passes silently.
+"""
+
+from ml_collections import config_dict
+from ml_collections.config_dict import placeholder
+
+
+def get_config() -> config_dict.ConfigDict:
+  c = config_dict.ConfigDict()
+  c.seed = 0  # root PRNG seed: init, data order, noise, samples all derive from it.
+
+  # ---------------------------------------------------------------- data
+  c.data = config_dict.ConfigDict()
+  c.data.dataset = 'mnist'  # 'mnist' (packaged, offline), 'folder', or a tfds name ('cifar10', 'celeb_a', ...)
+  c.data.data_dir = placeholder(str)  # tfds data_dir, or the image folder for dataset='folder'
+  c.data.split = 'train'  # training split
+  c.data.eval_split = 'test'
+  c.data.image_size = 32  # MNIST 28x28 is zero-padded to 32x32
+  c.data.num_channels = 1
+  c.data.resize = False  # centre-crop and resize images whose size differs from image_size (else an error)
+  c.data.centered = True  # model sees [-1, 1]; False: [0, 1]
+  c.data.random_flip = False  # horizontal flips (not for digits)
+  c.data.uniform_dequantization = False  # x = (uint8 + U[0,1)) / 256 before scaling
+  c.data.num_threads = 4  # host threads decoding and batching
+  c.data.prefetch = 4  # batches prepared ahead of the device
+
+  # ---------------------------------------------------------------- forward process
+  c.process = config_dict.ConfigDict()
+  c.process.name = 'vp'  # vp | subvp | ve | ddpm | edm
+  c.process.schedule = 'linear'  # vp: linear | cosine; ddpm: linear | cosine | scaled_linear
+  c.process.beta_min = 0.1  # beta(t) at t=0 (ddpm: beta_1 = beta_min / N)
+  c.process.beta_max = 20.0  # beta(t) at t=1 (ddpm: beta_N = beta_max / N)
+  c.process.cosine_s = 0.008  # offset of the cosine schedule (Nichol & Dhariwal 2021)
+  c.process.num_timesteps = 1000  # N: ddpm's discrete steps; time scale of the VP/sub-VP noise conditioning
+  c.process.sigma_min = 0.01  # ve / edm
+  c.process.sigma_max = 50.0  # ve / edm
+  c.process.t_eps = 1e-5  # smallest training time of continuous processes
+
+  # ---------------------------------------------------------------- model
+  c.model = config_dict.ConfigDict()
+  c.model.name = 'ddpmpp'  # DDPM++ / NCSN++ family U-Net (models/unet.py)
+  c.model.prediction = 'eps'  # what the network outputs: eps | x0 | v | score | edm (preconditioned)
+  c.model.sigma_data = 0.5  # EDM preconditioning and loss weighting
+  c.model.nf = 128
+  c.model.ch_mult = (1, 2, 2, 2)
+  c.model.num_res_blocks = 2
+  c.model.attn_resolutions = (16,)
+  c.model.num_heads = 1
+  c.model.dropout = 0.1
+  c.model.resblock_type = 'ddpm'  # ddpm | biggan
+  c.model.resamp_with_conv = True
+  c.model.skip_rescale = False  # scale residual and skip sums by 1/sqrt(2) (DDPM++)
+  c.model.embedding_type = 'positional'  # positional | fourier
+  c.model.fourier_scale = 16.0
+  c.model.num_groups = 32  # GroupNorm groups
+  c.model.num_classes = 0  # > 0: class-conditional (label num_classes is the null label for guidance)
+  c.model.dtype = 'float32'  # compute dtype: float32 | bfloat16 (parameters stay float32)
+
+  # ---------------------------------------------------------------- optimizer
+  c.optim = config_dict.ConfigDict()
+  c.optim.optimizer = 'adam'  # adam | adamw
+  c.optim.lr = 2e-4
+  c.optim.beta1 = 0.9
+  c.optim.beta2 = 0.999
+  c.optim.eps = 1e-8
+  c.optim.weight_decay = 0.0  # adamw only
+  c.optim.warmup_steps = 5000  # linear warm-up from 0 to lr
+  c.optim.grad_clip = 1.0  # global-norm clipping; <= 0 disables
+
+  # ---------------------------------------------------------------- training
+  c.training = config_dict.ConfigDict()
+  c.training.batch_size = 128
+  c.training.num_steps = 1_300_000
+  c.training.steps_per_call = 1  # optimizer steps fused into one jitted call (lax.scan)
+  c.training.ema_decay = 0.9999
+  c.training.loss_weighting = 'eps'  # eps (DDPM simple / uniform DSM) | likelihood | x0 | v | edm
+  c.training.time_sampling = 'uniform'  # uniform on [t_eps, T] | discrete (ddpm indices) | lognormal (EDM)
+  c.training.P_mean = -1.2  # lognormal time sampling: log(sigma / alpha) ~ N(P_mean, P_std^2)
+  c.training.P_std = 1.2
+  c.training.reduce = 'mean'  # mean | sum over pixels
+  c.training.label_dropout = 0.0  # probability of the null label (classifier-free guidance training)
+  c.training.log_every = 100
+  c.training.snapshot_every = 10_000  # sample grid PNG (EMA parameters)
+  c.training.checkpoint_every = 10_000
+  c.training.keep_checkpoints = 3
+  c.training.progress_bar = True
+
+  # ---------------------------------------------------------------- sampling
+  c.sample = config_dict.ConfigDict()
+  c.sample.sampler = 'ddim'  # ddpm | ddim
+  c.sample.num_steps = 100
+  c.sample.eta = 0.0  # ddim: 0 deterministic, 1 DDPM posterior variance
+  c.sample.spacing = 'linspace'  # linspace | logsnr | karras (any process); leading | trailing (ddpm)
+  c.sample.rho = 7.0  # karras spacing exponent
+  c.sample.t_end = placeholder(float)  # last time before the final denoising; None: the process's default
+  c.sample.denoise = True  # finish with x0 = E[x_0 | x_t_end] (noise removal)
+  c.sample.clip_x0 = True  # clip predicted x0 to the data range (pixel space only)
+  c.sample.num_samples = 64
+  c.sample.batch_size = 64
+  c.sample.class_label = placeholder(int)  # class-conditional models: None cycles through the classes
+  c.sample.checkpoint_step = placeholder(int)  # --mode=sample: None takes the latest checkpoint
+
+  c.lock()
+  return c

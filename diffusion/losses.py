@@ -1,0 +1,86 @@
+"""Denoising losses: one mechanism, the weighted eps-space error, covers the classic objectives.
+
+For x_t = alpha x0 + sigma eps and a model's (x0_hat, eps_hat), the errors of every target are multiples
+of the eps error:  x0 err = -(sigma / alpha) eps err,  v err = ((alpha^2 + sigma^2) / alpha) eps err,
+score err = -(1 / sigma) eps err. So each objective is  w(t) * |eps_hat - eps|^2  with
+  eps         w = 1                                 DDPM "simple" loss; score_sde's uniform DSM
+  likelihood  w = g(t)^2 / sigma^2                  score_sde's likelihood weighting (Song et al. 2021b)
+  x0          w = (sigma / alpha)^2
+  v           w = ((alpha^2 + sigma^2) / alpha)^2
+  edm         w = lambda(s) s^2 = (s^2 + sigma_data^2) / sigma_data^2,  s = sigma / alpha   (Karras et al.)
+and the time distribution is chosen separately: uniform on [t_eps, T], the discrete DDPM grid, or
+EDM's log-normal noise level log(sigma / alpha) ~ N(P_mean, P_std^2) on any process.
+"""
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from diffusion.parameterization import ModelFn
+from diffusion.processes import Process
+
+Array = jax.Array
+WEIGHTINGS = ('eps', 'likelihood', 'x0', 'v', 'edm')
+TIME_SAMPLINGS = ('uniform', 'discrete', 'lognormal')
+REDUCTIONS = ('mean', 'sum')
+
+
+@dataclasses.dataclass(frozen=True)
+class LossSettings:
+  weighting: str = 'eps'
+  time_sampling: str = 'uniform'
+  reduce: str = 'mean'  # over the pixels of one example
+  P_mean: float = -1.2
+  P_std: float = 1.2
+  sigma_data: float = 0.5
+
+  def __post_init__(self):
+    for name, value, allowed in (('weighting', self.weighting, WEIGHTINGS),
+                                 ('time_sampling', self.time_sampling, TIME_SAMPLINGS),
+                                 ('reduce', self.reduce, REDUCTIONS)):
+      if value not in allowed:
+        raise ValueError(f'unknown loss {name} {value!r}; choose one of {allowed}')
+
+
+def sample_time(rng: Array, batch: int, process: Process, settings: LossSettings) -> Array:
+  """Training times t [B]."""
+  if settings.time_sampling == 'uniform':
+    return jax.random.uniform(rng, (batch,), minval=process.t_eps, maxval=process.T)
+  if settings.time_sampling == 'discrete':
+    if process.num_timesteps is None or not hasattr(process, 't_from_index'):
+      raise ValueError("time_sampling='discrete' needs a discrete process (process.name='ddpm')")
+    return process.t_from_index(jax.random.randint(rng, (batch,), 0, process.num_timesteps))
+  log_s = settings.P_mean + settings.P_std * jax.random.normal(rng, (batch,))
+  return jnp.clip(process.t_from_log_snr(-2 * log_s), process.t_eps, process.T)
+
+
+def eps_weight(process: Process, t: Array, settings: LossSettings) -> Array:
+  """w(t) [B] of the eps-space squared error (module docstring)."""
+  w = settings.weighting
+  if w == 'eps':
+    return jnp.ones_like(t)
+  alpha, sigma = process.alpha(t), process.sigma(t)
+  if w == 'likelihood':
+    return process.g2(t) / sigma ** 2
+  if w == 'x0':
+    return (sigma / alpha) ** 2
+  if w == 'v':
+    return ((alpha ** 2 + sigma ** 2) / alpha) ** 2
+  s2, d2 = (sigma / alpha) ** 2, settings.sigma_data ** 2
+  return (s2 + d2) / d2
+
+
+def denoising_loss(model_fn: ModelFn, process: Process, x0: Array, rng: Array, settings: LossSettings,
+                   cond: Any = None) -> tuple[Array, dict[str, Array]]:
+  """Mean over the batch of w(t) * reduce_pixels((eps_hat - eps)^2); x0 is [B, ...] in model space."""
+  rng_t, rng_eps = jax.random.split(rng)
+  t = sample_time(rng_t, x0.shape[0], process, settings)
+  eps = jax.random.normal(rng_eps, x0.shape, x0.dtype)
+  x_t = process.perturb(x0, t, eps)
+  _, eps_hat = model_fn(x_t, t, cond)
+  err = jnp.square(eps_hat - eps).reshape(x0.shape[0], -1)
+  err = jnp.mean(err, -1) if settings.reduce == 'mean' else jnp.sum(err, -1)
+  per_example = eps_weight(process, t, settings) * err  # [B]
+  return jnp.mean(per_example), {'t': t, 'per_example': per_example}

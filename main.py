@@ -1,0 +1,93 @@
+"""Entry point: python main.py --config=configs/mnist/ddpmpp_vp.py --workdir=runs/mnist --mode=train
+
+Modes: train (resumes from the latest checkpoint in the workdir), sample (PNG grid + .npz from a checkpoint).
+Any key can be overridden with --config.a.b=value; an unknown key, a wrong type or a broken config file
+stops with one line naming it, before anything is compiled.
+"""
+
+import difflib
+import os
+import sys
+import traceback
+
+from absl import app, flags
+from ml_collections import config_flags
+
+MODES = ('train', 'sample')
+
+config_flags.DEFINE_config_file('config', 'configs/mnist/ddpmpp_vp.py', 'Training / sampling configuration.',
+                                lock_config=True)
+flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs and samples.')
+flags.DEFINE_enum('mode', 'train', MODES, 'What to do.')
+FLAGS = flags.FLAGS
+
+
+def _fail(msg: str) -> None:
+  print(f'error: {msg}', file=sys.stderr)
+  sys.exit(2)
+
+
+def _bad_override(argv: list[str]) -> str | None:
+  """Names the first --config.a.b override whose key is not declared in configs/default.py."""
+  from configs import default
+  reference = default.get_config()
+  for arg in argv[1:]:
+    if not arg.startswith('--config.'):
+      continue
+    path = arg[len('--config.'):].split('=', 1)[0]
+    node = reference
+    for i, part in enumerate(path.split('.')):
+      keys = list(node.keys()) if hasattr(node, 'keys') else []
+      if part not in keys:
+        hint = difflib.get_close_matches(part, keys, n=1)
+        where = '.'.join(path.split('.')[:i]) or 'the top level'
+        return (f'unknown config key {path!r} in {arg.split("=", 1)[0]}: {where} has no key {part!r}'
+                + (f' (did you mean {hint[0]!r}?)' if hint else ''))
+      node = node[part]
+  return None
+
+
+def _config_file_error(e: BaseException) -> str | None:
+  """Describes an error raised while a config file ran: the file, the line and the key."""
+  frames = [f for f in traceback.extract_tb(e.__traceback__) if f'{os.sep}configs{os.sep}' in f.filename
+            or f.filename.startswith('configs')]
+  if not frames:
+    return None
+  f = frames[-1]
+  what = ' '.join(str(e).replace('\\n', ' ').split()).strip('\'"')
+  return f'{os.path.relpath(f.filename)}:{f.lineno}: `{f.line}`: {type(e).__name__}: {what}'
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  try:
+    return FLAGS(argv)
+  except flags.Error as e:
+    _fail(' '.join(str(e).split()))
+  except Exception as e:  # the config file or an override failed while loading
+    _fail(_bad_override(argv) or _config_file_error(e) or f'{type(e).__name__}: {" ".join(str(e).split())}')
+
+
+def main(argv: list[str]) -> None:
+  del argv
+  config = FLAGS.config
+  if not FLAGS.workdir:
+    _fail('--workdir is required')
+  os.makedirs(FLAGS.workdir, exist_ok=True)
+
+  from train import checkpoint, trainer  # imported after flag checks: nothing compiles before they pass
+  from data.errors import DataError
+  with open(os.path.join(FLAGS.workdir, f'config_{FLAGS.mode}.json'), 'w') as f:
+    f.write(config.to_json_best_effort(indent=2))
+  try:
+    if FLAGS.mode == 'train':
+      trainer.train(config, FLAGS.workdir)
+    elif FLAGS.mode == 'sample':
+      info = trainer.sample(config, FLAGS.workdir)
+      print(f'wrote {info["num_samples"]} samples ({info["sampler"]}, {info["nfe"]} NFE) from step {info["step"]}: '
+            f'{info["png"]}')
+  except (DataError, checkpoint.CheckpointError, trainer.TrainingDiverged, ValueError) as e:
+    _fail(str(e))
+
+
+if __name__ == '__main__':
+  app.run(main, flags_parser=parse_flags)

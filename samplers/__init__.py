@@ -1,0 +1,24 @@
+"""Sampler registry: name -> (settings dataclass, sample function)."""
+
+import dataclasses
+from typing import Any, Callable
+
+from samplers import ancestral, ddim
+
+SAMPLERS: dict[str, tuple[type, Callable]] = {
+    'ddpm': (ancestral.AncestralSettings, ancestral.sample),
+    'ddim': (ddim.DDIMSettings, ddim.sample),
+}
+
+
+def get_sampler(name: str, **options: Any) -> tuple[Any, Callable]:
+  """(settings, sample_fn) for a sampler; `options` may hold more keys than the sampler takes.
+
+  Only the fields of the sampler's settings dataclass are read from `options`, so one flat config section
+  serves every sampler.
+  """
+  if name not in SAMPLERS:
+    raise ValueError(f'unknown sampler {name!r}; choose one of {sorted(SAMPLERS)}')
+  cls, fn = SAMPLERS[name]
+  fields = {f.name for f in dataclasses.fields(cls)}
+  return cls(**{k: v for k, v in options.items() if k in fields}), fn

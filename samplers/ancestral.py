@@ -1,0 +1,52 @@
+"""DDPM ancestral sampling (Ho et al. 2020) on any process.
+
+Each step draws x_s ~ q(x_s | x_t, x0 = x0_hat), the Gaussian posterior of the forward process:
+  mean = (alpha_s beta_ts / sigma_t^2) x0 + (alpha_ts sigma_s^2 / sigma_t^2) x_t,
+  var  = beta_ts sigma_s^2 / sigma_t^2,    alpha_ts = alpha_t / alpha_s,
+  beta_ts = sigma_t^2 - alpha_ts^2 sigma_s^2   ("fixed small" variance).
+On the discrete DDPM grid with all N steps this is exactly Ho et al.'s sampler (diffusers' DDPMScheduler);
+on VE it is score_sde's ancestral-sampling predictor.
+"""
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from diffusion.parameterization import ModelFn
+from diffusion.processes import Process
+from samplers import base
+
+
+@dataclasses.dataclass(frozen=True)
+class AncestralSettings:
+  num_steps: int = 1000
+  spacing: str = 'linspace'
+  t_end: float | None = None
+  rho: float = 7.0  # karras spacing
+  denoise: bool = True
+  clip_range: tuple[float, float] | None = None
+
+
+def sample(rng: jax.Array, model_fn: ModelFn, process: Process, shape: tuple[int, ...],
+           settings: AncestralSettings, cond: Any = None) -> tuple[jax.Array, int]:
+  ts = base.time_grid(process, settings.num_steps, settings.spacing, settings.t_end, settings.rho)
+  rng_prior, rng_loop = jax.random.split(rng)
+  x = process.prior_sample(rng_prior, shape)
+
+  def step(x, t, s, rng):
+    x0, _ = model_fn(x, base.broadcast_t(t, x), cond)
+    x0 = base.clip_x0(x0, settings.clip_range)
+    a_t, s_t, a_s, s_s = process.alpha(t), process.sigma(t), process.alpha(s), process.sigma(s)
+    a_ts = a_t / a_s
+    beta_ts = s_t ** 2 - a_ts ** 2 * s_s ** 2
+    mean = (a_s * beta_ts / s_t ** 2) * x0 + (a_ts * s_s ** 2 / s_t ** 2) * x
+    std = jnp.sqrt(jnp.maximum(beta_ts * s_s ** 2 / s_t ** 2, 0.0))
+    return mean + std * jax.random.normal(rng, x.shape)
+
+  x = base.run_steps(step, x, ts, rng_loop)
+  nfe = ts.shape[0] - 1
+  if settings.denoise:
+    x, nfe = base.denoise(model_fn, x, ts[-1], cond, settings.clip_range), nfe + 1
+  return x, nfe

@@ -1,0 +1,84 @@
+"""What every sampler shares: the call signature, time grids and the jitted loop.
+
+A sampler is `sample(rng, model_fn, process, shape, settings, cond=None) -> (samples, nfe)`, with
+model_fn(x, t, cond) -> (x0, eps) from diffusion.parameterization. Loops run inside jit with
+lax.fori_loop: no host sync per step.
+"""
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from diffusion.processes import Process
+
+Array = jax.Array
+SPACINGS = ('linspace', 'leading', 'trailing', 'logsnr', 'karras')
+
+
+def time_grid(process: Process, num_steps: int, spacing: str = 'linspace', t_end: float | None = None,
+              rho: float = 7.0) -> Array:
+  """num_steps decreasing times [K], from T down to the last sampling time t_end.
+
+  Any process:
+    linspace  uniform in t on [t_end, T]
+    logsnr    uniform in log-SNR (DPM-Solver's spacing)
+    karras    uniform in s^(1/rho), s = sigma / alpha the noise level (EDM, rho = 7)
+  Discrete processes only, on their integer grid t = (index + 1) / N (diffusers' spacings):
+    leading   index = k * (N // K)              trailing  index = round(N - k N / K) - 1
+    linspace  index = round(linspace(0, N - 1, K))   (replaces the continuous linspace)
+  t_end defaults to process.sample_t_end (1 / N for discrete processes).
+  """
+  k = int(num_steps)
+  if k < 1:
+    raise ValueError(f'num_steps must be >= 1, got {num_steps}')
+  if spacing not in SPACINGS:
+    raise ValueError(f'unknown timestep spacing {spacing!r}; choose one of {SPACINGS}')
+  n = process.num_timesteps
+  discrete = n is not None and hasattr(process, 't_from_index')
+  t_end = process.sample_t_end if t_end is None else t_end
+  if spacing == 'logsnr':
+    lam = np.linspace(float(process.log_snr(process.T)), float(process.log_snr(t_end)), k)
+    return jnp.concatenate([jnp.array([process.T], jnp.float32), process.t_from_log_snr(jnp.asarray(lam[1:], jnp.float32))])
+  if spacing == 'karras':
+    s_max, s_min = (float(process.sigma(t) / process.alpha(t)) for t in (process.T, t_end))
+    s = (s_max ** (1 / rho) + np.linspace(0, 1, k) * (s_min ** (1 / rho) - s_max ** (1 / rho))) ** rho
+    return jnp.concatenate([jnp.array([process.T], jnp.float32),
+                            process.t_from_log_snr(jnp.asarray(-2 * np.log(s[1:]), jnp.float32))])
+  if not discrete:
+    if spacing != 'linspace':
+      raise ValueError(f"timestep spacing {spacing!r} needs a discrete process (process.name='ddpm')")
+    return jnp.asarray(np.linspace(process.T, t_end, k), jnp.float32)
+  if k > n:
+    raise ValueError(f'num_steps={k} exceeds the {n} steps of the discrete process')
+  if spacing == 'leading':
+    index = np.arange(k) * (n // k)
+  elif spacing == 'trailing':
+    index = np.round(np.arange(n, 0, -n / k)).astype(np.int64)[::-1] - 1
+  else:
+    index = np.round(np.linspace(0, n - 1, k)).astype(np.int64)
+  return process.t_from_index(jnp.asarray(index[::-1].copy()))
+
+
+def run_steps(step: Callable[[Array, Array, Array, Array], Array], x: Array, ts: Array, rng: Array) -> Array:
+  """x <- step(x, t_i, t_{i+1}, rng_i) for i = 0..K-2, in one lax.fori_loop."""
+
+  def body(i, x):
+    return step(x, ts[i], ts[i + 1], jax.random.fold_in(rng, i))
+
+  return jax.lax.fori_loop(0, ts.shape[0] - 1, body, x)
+
+
+def clip_x0(x0: Array, clip_range: tuple[float, float] | None) -> Array:
+  return x0 if clip_range is None else jnp.clip(x0, *clip_range)
+
+
+def broadcast_t(t: Array, x: Array) -> Array:
+  return jnp.full(x.shape[:1], t, jnp.float32)
+
+
+def denoise(model_fn, x: Array, t: Array, cond: Any, clip_range) -> Array:
+  """The final noise-removal step: x0 = E[x_0 | x_t] at the last sampling time."""
+  x0, _ = model_fn(x, broadcast_t(t, x), cond)
+  return clip_x0(x0, clip_range)

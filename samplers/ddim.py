@@ -1,0 +1,56 @@
+"""DDIM (Song, Meng & Ermon 2021) on any process.
+
+From t to s < t with x0, eps predicted at t:
+  x_s = alpha_s x0 + sqrt(sigma_s^2 - c^2) eps + c z,   c^2 = eta^2 * Var[x_s | x_t, x0]
+where Var[x_s | x_t, x0] = sigma_s^2 (sigma_t^2 - (alpha_t / alpha_s)^2 sigma_s^2) / sigma_t^2 is the DDPM
+posterior variance: eta = 0 is deterministic, eta = 1 matches DDPM ancestral sampling in distribution.
+As in diffusers, a clipped x0 does not change the eps used for the direction term.
+"""
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from diffusion.parameterization import ModelFn
+from diffusion.processes import Process
+from samplers import base
+
+
+@dataclasses.dataclass(frozen=True)
+class DDIMSettings:
+  num_steps: int = 50
+  eta: float = 0.0
+  spacing: str = 'linspace'
+  t_end: float | None = None
+  rho: float = 7.0  # karras spacing
+  denoise: bool = True
+  clip_range: tuple[float, float] | None = None  # clip predicted x0 (pixel space), e.g. (-1, 1)
+
+
+def posterior_variance(process: Process, t, s):
+  """Var[x_s | x_t, x_0] of the forward process, s < t."""
+  a_t, s_t, a_s, s_s = process.alpha(t), process.sigma(t), process.alpha(s), process.sigma(s)
+  return s_s ** 2 * (s_t ** 2 - (a_t / a_s) ** 2 * s_s ** 2) / s_t ** 2
+
+
+def sample(rng: jax.Array, model_fn: ModelFn, process: Process, shape: tuple[int, ...],
+           settings: DDIMSettings, cond: Any = None) -> tuple[jax.Array, int]:
+  ts = base.time_grid(process, settings.num_steps, settings.spacing, settings.t_end, settings.rho)
+  rng_prior, rng_loop = jax.random.split(rng)
+  x = process.prior_sample(rng_prior, shape)
+
+  def step(x, t, s, rng):
+    x0, eps = model_fn(x, base.broadcast_t(t, x), cond)
+    x0 = base.clip_x0(x0, settings.clip_range)
+    c2 = settings.eta ** 2 * posterior_variance(process, t, s)
+    s_s = process.sigma(s)
+    direction = jnp.sqrt(jnp.maximum(s_s ** 2 - c2, 0.0)) * eps
+    return process.alpha(s) * x0 + direction + jnp.sqrt(c2) * jax.random.normal(rng, x.shape)
+
+  x = base.run_steps(step, x, ts, rng_loop)
+  nfe = ts.shape[0] - 1
+  if settings.denoise:
+    x, nfe = base.denoise(model_fn, x, ts[-1], cond, settings.clip_range), nfe + 1
+  return x, nfe

@@ -1,0 +1,21 @@
+"""The train state: one pytree holding everything a checkpoint must restore."""
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx, struct
+
+
+@struct.dataclass
+class TrainState:
+  step: jax.Array  # int32 [], optimizer steps taken
+  params: nnx.State  # trainable parameters (nnx.Param)
+  ema_params: nnx.State  # exponential moving average of params, used for sampling
+  buffers: nnx.State  # fixed non-trainable arrays of the model (e.g. Fourier frequencies)
+  opt_state: optax.OptState
+  bad_step: jax.Array  # int32 [], first step whose loss or gradient norm was not finite; -1: none
+
+  @classmethod
+  def create(cls, params: nnx.State, buffers: nnx.State, tx: optax.GradientTransformation) -> 'TrainState':
+    return cls(step=jnp.zeros((), jnp.int32), params=params, ema_params=jax.tree.map(jnp.copy, params),
+               buffers=buffers, opt_state=tx.init(params), bad_step=jnp.full((), -1, jnp.int32))

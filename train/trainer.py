@@ -1,0 +1,221 @@
+"""The trainer: config in, a trained model, checkpoints, logs and sample grids out.
+
+Besides main.py this is the only module that reads the ConfigDict; it turns each section into the typed
+arguments of the modules it builds (`build_*`). Read it top to bottom: set-up, resume, the loop.
+"""
+
+import dataclasses
+import json
+import os
+import signal
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+import models
+import samplers
+from data import images as image_io
+from data import pipeline, scaler, sources
+from diffusion import losses, processes
+from train import checkpoint, generate, step as step_lib
+from train.logger import Logger
+from train.optimizer import make_optimizer
+from train.state import TrainState
+
+
+class TrainingDiverged(RuntimeError):
+  """The loss or the gradient became NaN or infinite."""
+
+
+# ---------------------------------------------------------------------------- config -> typed objects
+def build_process(config: ml_collections.ConfigDict) -> processes.Process:
+  p = config.process
+  return processes.get_process(p.name, schedule=p.schedule, beta_min=p.beta_min, beta_max=p.beta_max,
+                               cosine_s=p.cosine_s, num_timesteps=p.num_timesteps, sigma_min=p.sigma_min,
+                               sigma_max=p.sigma_max, t_eps=p.t_eps)
+
+
+def build_model(config: ml_collections.ConfigDict, rng: jax.Array) -> nnx.Module:
+  m = config.model
+  options = {k: m[k] for k in m.keys() if k not in ('name', 'prediction', 'sigma_data')}
+  options.update(image_size=config.data.image_size, in_channels=config.data.num_channels,
+                 ch_mult=tuple(m.ch_mult), attn_resolutions=tuple(m.attn_resolutions))
+  return models.build_model(m.name, options, rngs=nnx.Rngs(params=rng))
+
+
+def build_loss(config: ml_collections.ConfigDict) -> losses.LossSettings:
+  t = config.training
+  return losses.LossSettings(weighting=t.loss_weighting, time_sampling=t.time_sampling, reduce=t.reduce,
+                             P_mean=t.P_mean, P_std=t.P_std, sigma_data=config.model.sigma_data)
+
+
+def build_sampler(config: ml_collections.ConfigDict):
+  """(settings, sample_fn) from config.sample; x0 is clipped to the data range when sample.clip_x0."""
+  s = config.sample
+  options = dict(s.items())
+  options['clip_range'] = scaler.data_range(config.data.centered) if s.clip_x0 else None
+  return samplers.get_sampler(s.sampler, **options)
+
+
+def build_source(config: ml_collections.ConfigDict, split: str) -> sources.ImageSource:
+  d = config.data
+  return sources.get_source(d.dataset, split, image_size=d.image_size, num_channels=d.num_channels,
+                            data_dir=d.data_dir, resize=d.resize)
+
+
+def init_state(config: ml_collections.ConfigDict):
+  """(graphdef, fresh TrainState, optimizer, lr schedule)."""
+  rng_init = jax.random.fold_in(jax.random.key(config.seed), 0)
+  model = build_model(config, rng_init)
+  graphdef, params, buffers = nnx.split(model, nnx.Param, ...)
+  o = config.optim
+  tx, schedule = make_optimizer(o.optimizer, lr=o.lr, beta1=o.beta1, beta2=o.beta2, eps=o.eps,
+                                weight_decay=o.weight_decay, warmup_steps=o.warmup_steps, grad_clip=o.grad_clip)
+  return graphdef, TrainState.create(params, buffers, tx), tx, schedule
+
+
+def make_snapshot_fn(config: ml_collections.ConfigDict, graphdef, process):
+  """fn(state, path) writing a grid of EMA samples; returns the jitted generator for reuse."""
+  settings, sample_fn = build_sampler(config)
+  d, s = config.data, config.sample
+  shape = (s.batch_size, d.image_size, d.image_size, d.num_channels)
+  gen = generate.make_generate_fn(graphdef, process, prediction=config.model.prediction,
+                                  sigma_data=config.model.sigma_data, sample_fn=sample_fn, settings=settings,
+                                  shape=shape, centered=d.centered)
+  rng = jax.random.fold_in(jax.random.key(config.seed), 2)
+
+  def snapshot(state: TrainState, path: str):
+    imgs, labels, nfe = generate.generate_images(gen, state.ema_params, state.buffers, rng, s.num_samples,
+                                                 s.batch_size, config.model.num_classes, s.class_label)
+    image_io.save_grid(path, imgs)
+    return imgs, labels, nfe
+
+  return snapshot
+
+
+def _check_intervals(t: ml_collections.ConfigDict) -> None:
+  k = t.steps_per_call
+  for name in ('log_every', 'snapshot_every', 'checkpoint_every'):
+    if t[name] % k:
+      raise ValueError(f'training.{name}={t[name]} is not a multiple of training.steps_per_call={k}')
+
+
+# ---------------------------------------------------------------------------- the loop
+def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
+  t = config.training
+  _check_intervals(t)
+  n_dev, n_proc = jax.device_count(), jax.process_count()
+  if t.batch_size % n_dev:
+    raise ValueError(f'training.batch_size={t.batch_size} is not divisible by the {n_dev} devices')
+  process = build_process(config)
+  source = build_source(config, config.data.split)  # fails early on missing data or a size mismatch
+  if config.model.num_classes > 0 and source.num_classes == 0:
+    raise ValueError(f'model.num_classes={config.model.num_classes} but {config.data.dataset} has no labels')
+
+  graphdef, state, tx, schedule = init_state(config)
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'), t.keep_checkpoints)
+  if ckpt.latest_step() is not None:
+    state = ckpt.restore(state)
+  start = int(state.step)
+
+  # One mesh over all devices; the batch is split along 'data', the state replicated.
+  mesh = Mesh(np.asarray(jax.devices()), ('data',))
+  replicated = NamedSharding(mesh, P())
+  batch_sharding = NamedSharding(mesh, P(None, 'data'))  # [k, B, ...]
+  state = jax.device_put(state, replicated)
+  settings = step_lib.StepSettings(
+      prediction=config.model.prediction, loss=build_loss(config), ema_decay=t.ema_decay,
+      centered=config.data.centered, dequantize=config.data.uniform_dequantization,
+      random_flip=config.data.random_flip, num_classes=config.model.num_classes, label_dropout=t.label_dropout)
+  rng_train = jax.random.fold_in(jax.random.key(config.seed), 1)
+  one_step = step_lib.make_train_step(graphdef, process, tx, schedule, settings, rng_train)
+  train_fn = jax.jit(step_lib.scan_steps(one_step), in_shardings=(replicated, batch_sharding),
+                     out_shardings=(replicated, replicated), donate_argnums=0)
+  snapshot = make_snapshot_fn(config, graphdef, process)
+
+  k = t.steps_per_call
+  batches = pipeline.make_batches(source, batch_size=t.batch_size // n_proc, seed=config.seed,
+                                  start_step=start, shard_index=jax.process_index(), shard_count=n_proc,
+                                  num_threads=config.data.num_threads, prefetch=config.data.prefetch)
+
+  def next_device_batch():
+    local = [next(batches) for _ in range(k)]
+    stacked = {key: np.stack([b[key] for b in local]) for key in local[0]}
+    return {key: jax.make_array_from_process_local_data(batch_sharding, v) for key, v in stacked.items()}
+
+  stop = {'signal': None}
+  previous_handler = signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal=signum))
+  logger = Logger(workdir, t.num_steps, start, t.progress_bar)
+  logger.info(f'training {config.model.name} on {config.data.dataset}: {_param_count(state.params):,} parameters, '
+              f'{n_dev} device(s), steps {start} -> {t.num_steps}')
+
+  def check_finite():
+    bad = int(state.bad_step)
+    if bad >= 0:
+      raise TrainingDiverged(f'loss or gradient is not finite at step {bad}; training stopped. The last good '
+                             f'checkpoint is step {ckpt.latest_step()} in {ckpt.directory}')
+
+  pending, step = [], start
+  try:
+    device_batch = next_device_batch() if step < t.num_steps else None
+    while step < t.num_steps:
+      state, metrics = train_fn(state, device_batch)
+      step += k
+      pending.append(metrics)
+      if step < t.num_steps:
+        device_batch = next_device_batch()  # host work overlaps the device step
+      logger.advance(k)
+      done = step >= t.num_steps or stop['signal'] is not None
+      if step % t.log_every == 0 or done:
+        values = jax.device_get(pending)
+        pending = []
+        check_finite()
+        logger.scalars(step, {name: float(np.mean([v[name] for v in values])) for name in values[0]})
+      if step % t.checkpoint_every == 0 or done:
+        check_finite()
+        ckpt.save(step, state)
+      if step % t.snapshot_every == 0 or step >= t.num_steps:
+        path = os.path.join(workdir, 'samples', f'step_{step:08d}.png')
+        snapshot(state, path)
+        logger.info(f'step {step}: sample grid {path}')
+      if stop['signal'] is not None:
+        logger.info(f'SIGTERM received: checkpoint saved at step {step}, exiting')
+        break
+  finally:
+    ckpt.close()
+    logger.close()
+    signal.signal(signal.SIGTERM, previous_handler)
+  return state
+
+
+def _param_count(params) -> int:
+  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+
+
+def sample(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """--mode=sample: EMA samples from a checkpoint as a PNG grid and an .npz of uint8 images and labels."""
+  process = build_process(config)
+  graphdef, state, _, _ = init_state(config)
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'))
+  state = ckpt.restore(state, config.sample.checkpoint_step)
+  ckpt.close()
+  step = int(state.step)
+  s = config.sample
+  snapshot = make_snapshot_fn(config, graphdef, process)
+  name = f'{s.sampler}_{s.num_steps}steps_step{step:08d}'
+  png = os.path.join(workdir, 'samples', f'{name}.png')
+  t0 = time.perf_counter()
+  imgs, labels, nfe = snapshot(state, png)
+  seconds = time.perf_counter() - t0
+  npz = os.path.join(workdir, 'samples', f'{name}.npz')
+  np.savez_compressed(npz, images=imgs, labels=labels)
+  info = {'png': png, 'npz': npz, 'step': step, 'sampler': s.sampler, 'nfe': nfe, 'num_samples': len(imgs),
+          'seconds': round(seconds, 2)}
+  with open(os.path.join(workdir, 'samples', f'{name}.json'), 'w') as f:
+    json.dump(info, f, indent=2)
+  return info
