@@ -10,7 +10,7 @@ import os
 import sys
 import traceback
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 MODES = ('train', 'sample')
@@ -69,6 +69,7 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 def main(argv: list[str]) -> None:
   del argv
+  logging.set_verbosity(logging.WARNING)  # library INFO chatter (orbax, jax backends) hides the progress
   config = FLAGS.config
   if not FLAGS.workdir:
     _fail('--workdir is required')

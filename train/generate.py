@@ -22,7 +22,7 @@ def make_generate_fn(graphdef: nnx.GraphDef, process: Process, *, prediction: st
     x, nfe = sample_fn(rng, model_fn, process, shape, settings, labels)
     return scaler.to_uint8(x, centered=centered), nfe
 
-  return jax.jit(generate, static_argnums=())
+  return jax.jit(generate)
 
 
 def generate_images(generate_fn: Callable, params, buffers, rng: jax.Array, num_samples: int, batch_size: int,

@@ -70,6 +70,15 @@ def make_train_step(graphdef: nnx.GraphDef, process: Process, tx: optax.Gradient
   return step
 
 
-def scan_steps(step: Callable) -> Callable:
-  """Runs step over a stack of batches [k, B, ...] in one lax.scan; metrics come back as [k] arrays."""
+def multi_step(step: Callable, steps_per_call: int) -> Callable:
+  """Runs step over a stack of batches [k, B, ...]; metrics come back as [k] arrays.
+
+  k > 1 runs one lax.scan (fewer dispatches on accelerators); k = 1 calls the step directly, because
+  XLA's CPU backend runs a training step inside a loop several times slower than outside one.
+  """
+  if steps_per_call == 1:
+    def single(state, batches):
+      state, metrics = step(state, jax.tree.map(lambda b: b[0], batches))
+      return state, jax.tree.map(lambda m: m[None], metrics)
+    return single
   return lambda state, batches: jax.lax.scan(step, state, batches)

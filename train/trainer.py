@@ -70,9 +70,13 @@ def build_source(config: ml_collections.ConfigDict, split: str) -> sources.Image
 
 def init_state(config: ml_collections.ConfigDict):
   """(graphdef, fresh TrainState, optimizer, lr schedule)."""
+  def init(rng):
+    _, params, buffers = nnx.split(build_model(config, rng), nnx.Param, ...)
+    return params, buffers
+
   rng_init = jax.random.fold_in(jax.random.key(config.seed), 0)
-  model = build_model(config, rng_init)
-  graphdef, params, buffers = nnx.split(model, nnx.Param, ...)
+  graphdef = nnx.graphdef(nnx.eval_shape(lambda: build_model(config, rng_init)))
+  params, buffers = jax.jit(init)(rng_init)  # one compiled program instead of op-by-op initialization
   o = config.optim
   tx, schedule = make_optimizer(o.optimizer, lr=o.lr, beta1=o.beta1, beta2=o.beta2, eps=o.eps,
                                 weight_decay=o.weight_decay, warmup_steps=o.warmup_steps, grad_clip=o.grad_clip)
@@ -92,7 +96,7 @@ def make_snapshot_fn(config: ml_collections.ConfigDict, graphdef, process):
   def snapshot(state: TrainState, path: str):
     imgs, labels, nfe = generate.generate_images(gen, state.ema_params, state.buffers, rng, s.num_samples,
                                                  s.batch_size, config.model.num_classes, s.class_label)
-    image_io.save_grid(path, imgs)
+    image_io.save_grid(path, imgs, ncol=config.model.num_classes or None)  # one column per class
     return imgs, labels, nfe
 
   return snapshot
@@ -134,7 +138,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
       random_flip=config.data.random_flip, num_classes=config.model.num_classes, label_dropout=t.label_dropout)
   rng_train = jax.random.fold_in(jax.random.key(config.seed), 1)
   one_step = step_lib.make_train_step(graphdef, process, tx, schedule, settings, rng_train)
-  train_fn = jax.jit(step_lib.scan_steps(one_step), in_shardings=(replicated, batch_sharding),
+  train_fn = jax.jit(step_lib.multi_step(one_step, t.steps_per_call), in_shardings=(replicated, batch_sharding),
                      out_shardings=(replicated, replicated), donate_argnums=0)
   snapshot = make_snapshot_fn(config, graphdef, process)
 

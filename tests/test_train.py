@@ -1,0 +1,198 @@
+"""The training step and loop: learning, EMA, fused steps, preemption, divergence, corrupt checkpoints."""
+
+import json
+import os
+import signal
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from configs.mnist import ddpmpp_vp
+from data import load_mnist
+from tests.helpers import error_lines, main_py, popen_main
+from train import step as step_lib
+from train import trainer
+
+
+def tiny_config(**training):
+  c = ddpmpp_vp.get_config()
+  c.model.nf, c.model.ch_mult, c.model.num_res_blocks = 16, (1, 2), 1
+  c.model.attn_resolutions, c.model.num_groups = (16,), 4
+  c.optim.lr, c.optim.warmup_steps = 3e-3, 10
+  for k, v in training.items():
+    c.training[k] = v
+  return c
+
+
+def build_step(config):
+  graphdef, state, tx, schedule = trainer.init_state(config)
+  process = trainer.build_process(config)
+  settings = step_lib.StepSettings(prediction=config.model.prediction, loss=trainer.build_loss(config),
+                                   ema_decay=config.training.ema_decay)
+  one = step_lib.make_train_step(graphdef, process, tx, schedule, settings, jax.random.key(0))
+  return graphdef, state, one, process
+
+
+def test_tiny_unet_overfits_one_batch():
+  """Loss on one fixed batch, averaged over fixed noise draws, falls 10x within 200 steps."""
+  config = tiny_config(ema_decay=0.0)
+  graphdef, state, one, process = build_step(config)
+  images = np.pad(load_mnist('test')[0][:8], ((0, 0), (2, 2), (2, 2), (0, 0)))
+  batch = {'image': jnp.asarray(images), 'label': jnp.zeros(8, jnp.int32)}
+  from flax import nnx
+  from data import scaler
+  from diffusion import losses
+  from diffusion.parameterization import make_model_fn
+
+  @jax.jit
+  def eval_loss(params, buffers):
+    model = nnx.merge(graphdef, params, buffers)
+    model_fn = make_model_fn(lambda x, c, y: model(x, c, y), process, 'eps')
+    x0 = jnp.tile(scaler.to_model(batch['image']), (16, 1, 1, 1))
+    return losses.denoising_loss(model_fn, process, x0, jax.random.key(42), losses.LossSettings())[0]
+
+  before = float(eval_loss(state.params, state.buffers))
+  step = jax.jit(one, donate_argnums=0)
+  for _ in range(200):
+    state, metrics = step(state, batch)
+  after = float(eval_loss(state.params, state.buffers))
+  assert after < before / 10, (before, after)
+
+
+def test_fused_steps_and_ema_equal_single_steps():
+  config = tiny_config(ema_decay=0.9)
+  _, state, one, _ = build_step(config)
+  images = load_mnist('test')[0][:16]
+  images = np.pad(images, ((0, 0), (2, 2), (2, 2), (0, 0))).reshape(2, 8, 32, 32, 1)
+  batches = {'image': jnp.asarray(images), 'label': jnp.zeros((2, 8), jnp.int32)}
+  fused, fused_metrics = jax.jit(step_lib.multi_step(one, 2))(state, batches)
+  single = jax.jit(step_lib.multi_step(one, 1))
+  s, losses_ = state, []
+  ema = state.ema_params
+  for i in range(2):
+    s, m = single(s, jax.tree.map(lambda b: b[i:i + 1], batches))
+    losses_.append(float(m['loss'][0]))
+    ema = jax.tree.map(lambda e, p: 0.9 * e + 0.1 * p, ema, s.params)  # the EMA recursion, by hand
+  assert int(fused.step) == int(s.step) == 2
+  np.testing.assert_allclose(fused_metrics['loss'], losses_, rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(fused.params), jax.tree.leaves(s.params)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+  for a, b in zip(jax.tree.leaves(s.ema_params), jax.tree.leaves(ema)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+# ------------------------------------------------------------------ the loop, through main.py
+def _metrics(workdir):
+  rows = {}
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    for line in f:
+      r = json.loads(line)
+      rows[r['step']] = r  # the last entry of a step wins (a resumed run rewrites it)
+  return rows
+
+
+def _ckpt_steps(workdir):
+  d = os.path.join(workdir, 'checkpoints')
+  return sorted(int(n) for n in os.listdir(d) if n.isdigit()) if os.path.isdir(d) else []
+
+
+def _restore_raw(workdir, step):
+  return ocp.StandardCheckpointer().restore(os.path.join(workdir, 'checkpoints', str(step), 'default'))
+
+
+def _wait_for(predicate, proc, timeout=300):
+  t0 = time.time()
+  while not predicate():
+    if proc.poll() is not None:
+      raise AssertionError(f'process ended early ({proc.returncode}): {proc.stderr.read()[-2000:]}')
+    if time.time() - t0 > timeout:
+      proc.kill()
+      raise AssertionError('timed out')
+    time.sleep(0.05)
+
+
+RUN = ['--config.training.num_steps=60', '--config.training.log_every=1', '--config.training.checkpoint_every=4',
+       '--config.training.snapshot_every=60', '--config.training.keep_checkpoints=50']
+
+
+def test_killed_run_resumes_exactly(tmp_path):
+  ref, run = str(tmp_path / 'ref'), str(tmp_path / 'run')
+  main_py(*RUN, workdir=ref, check=True)
+  proc = popen_main(*RUN, workdir=run)
+  _wait_for(lambda: any(s >= 8 for s in _ckpt_steps(run)), proc)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  killed_at = max(_metrics(run))
+  assert killed_at < 60, 'the run finished before it was killed; the test proves nothing'
+  resumed_from = max(_ckpt_steps(run))
+  main_py(*RUN, workdir=run, check=True)
+  a, b = _metrics(ref), _metrics(run)
+  assert sorted(b) == list(range(1, 61)), 'the step counter continues from the checkpoint'
+  for s in range(resumed_from + 1, 61):
+    np.testing.assert_allclose(b[s]['loss'], a[s]['loss'], rtol=1e-6, err_msg=f'step {s}')
+    np.testing.assert_allclose(b[s]['grad_norm'], a[s]['grad_norm'], rtol=1e-5, err_msg=f'step {s}')
+  ra, rb = _restore_raw(ref, 60), _restore_raw(run, 60)
+  assert int(rb['step']) == 60
+  for x, y in zip(jax.tree.leaves(ra['ema_params']), jax.tree.leaves(rb['ema_params'])):
+    np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7)
+  assert os.path.exists(os.path.join(run, 'samples', 'step_00000060.png'))
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
+  run = str(tmp_path / 'run')
+  args = [*RUN[:2], '--config.training.num_steps=100000', '--config.training.checkpoint_every=1000']
+  proc = popen_main(*args, workdir=run)
+  _wait_for(lambda: os.path.exists(os.path.join(run, 'metrics.jsonl')) and len(_metrics(run)) >= 3, proc)
+  proc.send_signal(signal.SIGTERM)
+  out, err = proc.communicate(timeout=300)
+  assert proc.returncode == 0, err[-2000:]
+  steps = _ckpt_steps(run)
+  assert len(steps) == 1 and steps[0] == max(_metrics(run)) and 3 <= steps[0] < 1000
+  assert 'SIGTERM' in err
+
+
+def test_divergence_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
+  run = str(tmp_path / 'run')
+  proc = main_py('--config.optim.lr=1e30', '--config.optim.warmup_steps=0', '--config.optim.grad_clip=0.0',
+                 '--config.training.num_steps=50', '--config.training.checkpoint_every=1',
+                 '--config.training.log_every=1', workdir=run)
+  assert proc.returncode != 0
+  lines = error_lines(proc.stderr)
+  assert len(lines) == 1 and 'not finite at step' in lines[0], proc.stderr[-2000:]
+  bad = int(lines[0].split('not finite at step ')[1].split(';')[0])
+  steps = _ckpt_steps(run)
+  assert steps and max(steps) <= bad, (steps, bad)
+  raw = _restore_raw(run, max(steps))
+  assert all(bool(np.all(np.isfinite(x))) for x in jax.tree.leaves(raw['params']))
+
+
+def test_corrupt_checkpoint_is_reported_and_left_alone(tmp_path):
+  run = str(tmp_path / 'run')
+  main_py('--config.training.num_steps=2', '--config.training.checkpoint_every=2', '--config.training.log_every=1',
+          '--config.training.snapshot_every=2', workdir=run, check=True)
+  ok = main_py('--mode=sample', workdir=run, check=True)
+  assert 'wrote 4 samples' in ok.stdout
+  files = []
+  for root, _, names in os.walk(os.path.join(run, 'checkpoints', '2')):
+    files += [os.path.join(root, n) for n in names]
+  for path in files:
+    if os.path.getsize(path) > 0 and 'metadata' not in os.path.basename(path):
+      with open(path, 'r+b') as f:
+        f.write(b'\x00garbage' * 8)
+  before = {p: os.path.getsize(p) for p in files}
+  proc = main_py('--mode=sample', workdir=run)
+  assert proc.returncode != 0
+  lines = error_lines(proc.stderr)
+  assert len(lines) == 1 and 'cannot be restored' in lines[0], proc.stderr[-2000:]
+  assert {p: os.path.getsize(p) for p in files} == before, 'the checkpoint is left untouched'
+  # an incompatible config (another width) is reported the same way
+  good = str(tmp_path / 'good')
+  main_py('--config.training.num_steps=2', '--config.training.checkpoint_every=2',
+          '--config.training.snapshot_every=2', workdir=good, check=True)
+  proc = main_py('--mode=sample', '--config.model.nf=16', workdir=good)
+  lines = error_lines(proc.stderr)
+  assert proc.returncode != 0 and len(lines) == 1 and 'cannot be restored' in lines[0], proc.stderr[-2000:]

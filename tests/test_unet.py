@@ -1,0 +1,97 @@
+"""The DDPM++ / NCSN++ U-Net: parameter count of the DDPM configuration, shapes, dtypes, attention."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from models import build_model, layers
+from models.unet import UNet, UNetConfig
+
+TINY = dict(image_size=16, in_channels=3, nf=16, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,),
+            num_groups=4, dropout=0.1)
+
+
+def _count(module) -> int:
+  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(module, nnx.Param)))
+
+
+def test_ddpm_cifar10_parameter_count():
+  """Ho et al.'s CIFAR-10 network: diffusers' UNet2DModel in this configuration has 35,746,307 parameters."""
+  abstract = nnx.eval_shape(lambda: UNet(UNetConfig(), rngs=nnx.Rngs(0)))
+  n = _count(abstract)
+  assert abs(n - 35_746_307) / 35_746_307 < 0.01, n
+
+
+@pytest.mark.parametrize('options', [
+    dict(resblock_type='ddpm', embedding_type='positional'),
+    dict(resblock_type='biggan', skip_rescale=True, embedding_type='fourier', num_classes=10),
+    dict(resblock_type='ddpm', resamp_with_conv=False, num_heads=2, dtype='bfloat16'),
+])
+def test_output_shape_dtype_and_conditioning(options):
+  cfg = UNetConfig(**{**TINY, **options})
+  model = UNet(cfg, rngs=nnx.Rngs(0))
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(params)), 'parameters stay float32'
+  # perturb the zero-initialized output layers so the network is not the zero function
+  params = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(jax.random.key(p.size), p.shape), params)
+  x = jax.random.normal(jax.random.key(1), (2, 16, 16, 3))
+  labels = jnp.array([1, 2]) if cfg.num_classes else None
+
+  @jax.jit
+  def apply(params, x, t, labels):
+    return nnx.merge(graphdef, params, rest)(x, t, labels)
+
+  y = apply(params, x, jnp.array([0.1, 5.0]), labels)
+  assert y.shape == x.shape
+  assert y.dtype == (jnp.bfloat16 if cfg.dtype == 'bfloat16' else jnp.float32)
+  assert bool(jnp.all(jnp.isfinite(y.astype(jnp.float32))))
+  # the output depends on the noise level (and on the label when class-conditional)
+  y2 = apply(params, x, jnp.array([3.0, 5.0]), labels)
+  assert float(jnp.abs(y2[0] - y[0]).max()) > 1e-3
+  np.testing.assert_allclose(np.asarray(y2[1], np.float32), np.asarray(y[1], np.float32), rtol=1e-5, atol=1e-5)
+  if cfg.num_classes:
+    y3 = apply(params, x, jnp.array([0.1, 5.0]), jnp.array([7, 2]))
+    assert float(jnp.abs(y3[0] - y[0]).max()) > 1e-3
+
+
+def test_fresh_network_outputs_zero():
+  """score_sde's zero-initialized last layers: every residual branch and the output start at zero."""
+  model = UNet(UNetConfig(**TINY), rngs=nnx.Rngs(0))
+  y = model(jnp.ones((1, 16, 16, 3)), jnp.array([3.0]))
+  assert float(jnp.abs(y).max()) == 0.0
+
+
+def test_dropout_is_active_only_in_training():
+  cfg = UNetConfig(**{**TINY, 'dropout': 0.5})
+  model = UNet(cfg, rngs=nnx.Rngs(0))
+  _, params, rest = nnx.split(model, nnx.Param, ...)
+  params = jax.tree.map(lambda p: p + 0.05, params)
+  nnx.update(model, params)
+  x, t = jnp.ones((1, 16, 16, 3)), jnp.array([1.0])
+  np.testing.assert_array_equal(model(x, t), model(x, t))
+  a = model(x, t, train=True, rngs=nnx.Rngs(dropout=0))
+  b = model(x, t, train=True, rngs=nnx.Rngs(dropout=1))
+  assert float(jnp.abs(a - b).max()) > 1e-4
+
+
+def test_attention_matches_softmax_reference():
+  block = layers.AttnBlock(8, num_heads=2, num_groups=2, rngs=nnx.Rngs(0))
+  _, params = nnx.split(block, nnx.Param)
+  nnx.update(block, jax.tree.map(lambda p: p + 0.1 * jax.random.normal(jax.random.key(p.size), p.shape), params))
+  x = jax.random.normal(jax.random.key(2), (2, 4, 4, 8))
+  h = block.norm(x).reshape(2, 16, 8)
+  q, k, v = (f(h).reshape(2, 16, 2, 4) for f in (block.q, block.k, block.v))
+  w = jax.nn.softmax(jnp.einsum('bqhd,bkhd->bhqk', q, k) / 2.0, axis=-1)
+  ref = x + block.out(jnp.einsum('bhqk,bkhd->bqhd', w, v).reshape(2, 16, 8)).reshape(x.shape)
+  np.testing.assert_allclose(block(x), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_registry_rejects_unknown_names_and_options():
+  with pytest.raises(ValueError, match='unknown model'):
+    build_model('unet3d', {}, rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match='does not take'):
+    build_model('ddpmpp', {'nff': 3}, rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match='not divisible'):
+    UNet(UNetConfig(image_size=28, ch_mult=(1, 2, 2, 2)), rngs=nnx.Rngs(0))
