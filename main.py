@@ -15,10 +15,7 @@ from ml_collections import config_flags
 
 MODES = ('train', 'sample')
 
-config_flags.DEFINE_config_file('config', 'configs/mnist/ddpmpp_vp.py', 'Training / sampling configuration.',
-                                lock_config=True)
-flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs and samples.')
-flags.DEFINE_enum('mode', 'train', MODES, 'What to do.')
+DEFAULT_CONFIG = 'configs/mnist/ddpmpp_vp.py'
 FLAGS = flags.FLAGS
 
 
@@ -90,5 +87,18 @@ def main(argv: list[str]) -> None:
     _fail(str(e))
 
 
+def define_flags(argv: list[str]) -> None:
+  # Without --config the default file is loaded (with the overrides in argv) right here, so its errors are
+  # reported here too.
+  try:
+    config_flags.DEFINE_config_file('config', DEFAULT_CONFIG, 'Training / sampling configuration.',
+                                    lock_config=True)
+  except Exception as e:
+    _fail(_bad_override(argv) or _config_file_error(e) or f'{type(e).__name__}: {" ".join(str(e).split())}')
+  flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs and samples.')
+  flags.DEFINE_enum('mode', 'train', MODES, 'What to do.')
+
+
 if __name__ == '__main__':
+  define_flags(sys.argv)
   app.run(main, flags_parser=parse_flags)

@@ -30,24 +30,29 @@ def time_grid(process: Process, num_steps: int, spacing: str = 'linspace', t_end
     linspace  index = round(linspace(0, N - 1, K))   (replaces the continuous linspace)
   t_end defaults to process.sample_t_end (1 / N for discrete processes).
   """
-  k = int(num_steps)
+  with jax.ensure_compile_time_eval():  # a constant of the program, also when called under jit
+    return _time_grid(process, int(num_steps), spacing, t_end, rho)
+
+
+def _time_grid(process: Process, k: int, spacing: str, t_end: float | None, rho: float) -> Array:
   if k < 1:
-    raise ValueError(f'num_steps must be >= 1, got {num_steps}')
+    raise ValueError(f'num_steps must be >= 1, got {k}')
   if spacing not in SPACINGS:
     raise ValueError(f'unknown timestep spacing {spacing!r}; choose one of {SPACINGS}')
   n = process.num_timesteps
   discrete = n is not None and hasattr(process, 't_from_index')
   t_end = process.sample_t_end if t_end is None else t_end
-  if spacing == 'logsnr':
-    lam = np.linspace(float(process.log_snr(process.T)), float(process.log_snr(t_end)), k)
-    return jnp.concatenate([jnp.array([process.T], jnp.float32), process.t_from_log_snr(jnp.asarray(lam[1:], jnp.float32))])
-  if spacing == 'karras':
-    s_max, s_min = (float(process.sigma(t) / process.alpha(t)) for t in (process.T, t_end))
-    s = (s_max ** (1 / rho) + np.linspace(0, 1, k) * (s_min ** (1 / rho) - s_max ** (1 / rho))) ** rho
-    return jnp.concatenate([jnp.array([process.T], jnp.float32),
-                            process.t_from_log_snr(jnp.asarray(-2 * np.log(s[1:]), jnp.float32))])
+  if spacing in ('logsnr', 'karras') and k > 1:
+    ends = (process.T, t_end)
+    if spacing == 'logsnr':
+      lam = np.linspace(*(float(process.log_snr(t)) for t in ends), k)
+    else:
+      s_max, s_min = (float(process.sigma(t) / process.alpha(t)) for t in ends)
+      lam = -2 * rho * np.log(s_max ** (1 / rho) + np.linspace(0, 1, k) * (s_min ** (1 / rho) - s_max ** (1 / rho)))
+    inner = process.t_from_log_snr(jnp.asarray(lam[1:-1], jnp.float32))
+    return jnp.concatenate([jnp.array([process.T], jnp.float32), inner, jnp.array([t_end], jnp.float32)])
   if not discrete:
-    if spacing != 'linspace':
+    if spacing in ('leading', 'trailing'):
       raise ValueError(f"timestep spacing {spacing!r} needs a discrete process (process.name='ddpm')")
     return jnp.asarray(np.linspace(process.T, t_end, k), jnp.float32)
   if k > n:

@@ -28,6 +28,8 @@ def test_unknown_override_key(tmp_path):
   line = _one_error(main_py('--config.model.nff=64', workdir=str(tmp_path)), 'model.nff', "'nf'")
   assert not os.listdir(tmp_path), 'nothing is written before the config is valid'
   _one_error(main_py('--config.trainig.batch_size=4', workdir=str(tmp_path)), 'trainig', "'training'")
+  # without --config the default config file is loaded (and its overrides applied) while flags are defined
+  _one_error(main_py('--config.model.nff=64', workdir=str(tmp_path), tiny=False), 'model.nff', "'nf'")
 
 
 def test_wrong_type_override(tmp_path):

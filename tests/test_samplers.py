@@ -48,7 +48,7 @@ MIXTURE = GaussianMixture.random(jax.random.key(7), 3, (2,), mean_scale=0.7, std
 
 
 def _distance(name, sampler, steps, n=4000, **options):
-  process = processes.get_process(name)
+  process = processes.get_process(name, **({'sigma_min': 0.002, 'sigma_max': 80.0} if name == 'edm' else {}))
   settings, sample_fn = get_sampler(sampler, num_steps=steps, **options)
   fn = jax.jit(lambda rng: sample_fn(rng, MIXTURE.model_fn(process), process, (n, 2), settings)[0])
   x = np.asarray(fn(jax.random.key(1)))
@@ -58,7 +58,8 @@ def _distance(name, sampler, steps, n=4000, **options):
 
 @pytest.mark.parametrize('name,sampler,options', [
     ('vp', 'ddim', {}), ('ddpm', 'ddim', {}), ('ve', 'ddim', {}),
-    ('ddpm', 'ddpm', {}), ('vp', 'ddim', {'eta': 1.0}),
+    ('ddpm', 'ddpm', {}), ('vp', 'ddim', {'eta': 1.0}), ('edm', 'ddim', {'spacing': 'karras'}),
+    ('subvp', 'ddim', {'spacing': 'logsnr'}),
 ])
 def test_samplers_converge_to_the_mixture(name, sampler, options):
   """With the exact score, samples approach the data distribution as the number of steps grows."""

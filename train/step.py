@@ -65,7 +65,7 @@ def make_train_step(graphdef: nnx.GraphDef, process: Process, tx: optax.Gradient
     bad_step = jnp.where((state.bad_step < 0) & ~finite, state.step, state.bad_step)
     new = state.replace(step=state.step + 1, params=params, ema_params=ema, opt_state=opt_state,
                         bad_step=bad_step)
-    return new, {'loss': loss, 'grad_norm': grad_norm, 'lr': schedule(state.step)}
+    return new, {'loss': loss, 'grad_norm': grad_norm, 'lr': jnp.asarray(schedule(state.step), jnp.float32)}
 
   return step
 

@@ -1,0 +1,100 @@
+"""Training throughput of the DDPM CIFAR-10 U-Net (35.7 M parameters): the full jitted step.
+
+One step = eps loss on a uint8 batch scaled on device, backward, Adam with clipping, EMA update; the
+state is donated. Prints one JSON line per (dtype, batch, steps_per_call):
+  img_per_s (median over timed calls), step_ms, compile_s, peak_mem_gb, and MFU from XLA's own cost
+  analysis of the compiled program (flops of the whole step / step time / peak; the peak is the H100 SXM
+  dense bf16 rate, 989 TFLOP/s, as in the PyTorch peer's log).
+
+  python bench/train_throughput.py [--batch 128 512] [--dtype bfloat16 float32] [--steps 20]
+
+The PyTorch peer (diffusers UNet2DModel, torch.compile + bf16 autocast) is ../shared/bench/peer_pytorch.py,
+run in the same device call; bench/RESULTS.md records both.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from configs.cifar10 import ddpm  # noqa: E402
+from train import step as step_lib  # noqa: E402
+from train import trainer  # noqa: E402
+
+PEAK_FLOPS = 989e12
+
+
+def emit(**kw):
+  print(json.dumps(kw), flush=True)
+
+
+def measure(dtype: str, batch: int, steps_per_call: int, timed_calls: int, image_size: int, nf: int) -> dict:
+  config = ddpm.get_config()
+  config.model.dtype = dtype
+  config.model.nf = nf
+  config.data.image_size = image_size
+  graphdef, state, tx, schedule = trainer.init_state(config)
+  process = trainer.build_process(config)
+  settings = step_lib.StepSettings(prediction='eps', loss=trainer.build_loss(config), ema_decay=0.9999,
+                                   random_flip=True)
+  one = step_lib.make_train_step(graphdef, process, tx, schedule, settings, jax.random.key(0))
+  fn = jax.jit(step_lib.multi_step(one, steps_per_call), donate_argnums=0)
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, (steps_per_call, batch, image_size, image_size, 3), dtype=np.uint8)
+  batches = jax.device_put({'image': images, 'label': np.zeros((steps_per_call, batch), np.int32)})
+
+  t0 = time.perf_counter()
+  compiled = fn.lower(state, batches).compile()
+  compile_s = time.perf_counter() - t0
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  flops = float(cost.get('flops', 0.0)) / steps_per_call  # per optimizer step
+
+  for _ in range(3):  # warm-up
+    state, metrics = compiled(state, batches)
+  jax.block_until_ready(metrics)
+  times = []
+  for _ in range(timed_calls):
+    t = time.perf_counter()
+    state, metrics = compiled(state, batches)
+    jax.block_until_ready(metrics)
+    times.append((time.perf_counter() - t) / steps_per_call)
+  step_s = statistics.median(times)
+  mem = jax.devices()[0].memory_stats() or {}
+  return dict(what='train', impl=f'ours jax {dtype}', batch=batch, steps_per_call=steps_per_call,
+              img_per_s=round(batch / step_s, 1), step_ms=round(step_s * 1e3, 2),
+              step_ms_min=round(min(times) * 1e3, 2), compile_s=round(compile_s, 1),
+              flops_per_img=round(flops / batch), mfu_vs_989tf=round(flops / step_s / PEAK_FLOPS, 4),
+              peak_mem_gb=round(mem.get('peak_bytes_in_use', 0) / 2 ** 30, 2),
+              loss_finite=bool(np.isfinite(np.asarray(metrics['loss'])).all()))
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--batch', type=int, nargs='+', default=[128, 512])
+  parser.add_argument('--dtype', nargs='+', default=['bfloat16', 'float32'])
+  parser.add_argument('--steps_per_call', type=int, nargs='+', default=[1])
+  parser.add_argument('--steps', type=int, default=20, help='timed calls (median)')
+  parser.add_argument('--image_size', type=int, default=32)
+  parser.add_argument('--nf', type=int, default=128, help='128: the DDPM CIFAR-10 network; smaller for smoke tests')
+  args = parser.parse_args()
+  emit(what='device', device=str(jax.devices()[0]), jax=jax.__version__, backend=jax.default_backend())
+  for dtype in args.dtype:
+    for batch in args.batch:
+      for k in args.steps_per_call:
+        try:
+          emit(**measure(dtype, batch, k, args.steps, args.image_size, args.nf))
+        except Exception as e:  # one failed configuration (e.g. out of memory) must not lose the others
+          emit(what='train_failed', impl=f'ours jax {dtype}', batch=batch, steps_per_call=k, err=repr(e)[:300])
+
+
+if __name__ == '__main__':
+  main()
