@@ -1,4 +1,4 @@
-"""Entry point: python main.py --config=configs/mnist/ddpmpp_vp.py --workdir=runs/mnist --mode=train
+"""Entry point: python main.py --config=configs/mnist/edm.py --workdir=runs/mnist --mode=train
 
 Modes: train (resumes from the latest checkpoint in the workdir), sample (PNG grid + .npz from a checkpoint).
 Any key can be overridden with --config.a.b=value; an unknown key, a wrong type or a broken config file
@@ -15,7 +15,7 @@ from ml_collections import config_flags
 
 MODES = ('train', 'sample')
 
-DEFAULT_CONFIG = 'configs/mnist/ddpmpp_vp.py'
+DEFAULT_CONFIG = 'configs/mnist/edm.py'
 FLAGS = flags.FLAGS
 
 

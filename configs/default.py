@@ -102,6 +102,7 @@ def get_config() -> config_dict.ConfigDict:
   c.sample.num_samples = 64
   c.sample.batch_size = 64
   c.sample.class_label = placeholder(int)  # class-conditional models: None cycles through the classes
+  c.sample.guidance_scale = 1.0  # classifier-free guidance: 0 unconditional, 1 conditional, > 1 guided
   c.sample.checkpoint_step = placeholder(int)  # --mode=sample: None takes the latest checkpoint
 
   c.lock()

@@ -93,3 +93,25 @@ def test_nfe_and_determinism():
 def test_unknown_sampler():
   with pytest.raises(ValueError, match='unknown sampler'):
     get_sampler('ddim2')
+
+
+def test_classifier_free_guidance_wrapper():
+  """scale 0 = unconditional, 1 = conditional, s = the linear extrapolation; one doubled-batch call."""
+  from samplers.guidance import classifier_free_guidance
+  calls = []
+
+  def model_fn(x, t, cond):  # a toy conditional model: eps depends on the label, x0 follows from eps
+    calls.append(x.shape[0])
+    eps = x * 0.5 + cond[:, None].astype(jnp.float32)
+    return x - eps, eps
+
+  x, t, y = jnp.ones((3, 2)), jnp.full((3,), 0.5), jnp.array([1, 2, 3])
+  null = jnp.int32(10)
+  x0_u, eps_u = model_fn(x, t, jnp.full((3,), 10))
+  x0_c, eps_c = model_fn(x, t, y)
+  for scale in (0.0, 1.0, 2.5):
+    calls.clear()
+    x0, eps = classifier_free_guidance(model_fn, scale, null)(x, t, y)
+    np.testing.assert_allclose(eps, eps_u + scale * (eps_c - eps_u), rtol=1e-6)
+    np.testing.assert_allclose(x0, x0_u + scale * (x0_c - x0_u), rtol=1e-6)
+    assert calls == ([3] if scale == 1.0 else [6])

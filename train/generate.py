@@ -10,15 +10,22 @@ from flax import nnx
 from data import scaler
 from diffusion.parameterization import make_model_fn
 from diffusion.processes import Process
+from samplers.guidance import classifier_free_guidance
 
 
 def make_generate_fn(graphdef: nnx.GraphDef, process: Process, *, prediction: str, sigma_data: float,
-                     sample_fn: Callable, settings: Any, shape: tuple[int, ...], centered: bool) -> Callable:
-  """A jitted fn(params, buffers, rng, labels | None) -> (uint8 images [B, H, W, C], nfe)."""
+                     sample_fn: Callable, settings: Any, shape: tuple[int, ...], centered: bool,
+                     guidance_scale: float = 1.0, null_label: int = 0) -> Callable:
+  """A jitted fn(params, buffers, rng, labels | None) -> (uint8 images [B, H, W, C], nfe).
+
+  With labels and guidance_scale != 1, classifier-free guidance against `null_label` (NFE counts network
+  evaluations of the batch; a guided one evaluates it twice).
+  """
 
   def generate(params, buffers, rng, labels):
     model = nnx.merge(graphdef, params, buffers)
     model_fn = make_model_fn(lambda x, c, y: model(x, c, y), process, prediction, sigma_data)
+    model_fn = classifier_free_guidance(model_fn, guidance_scale, jnp.int32(null_label))
     x, nfe = sample_fn(rng, model_fn, process, shape, settings, labels)
     return scaler.to_uint8(x, centered=centered), nfe
 

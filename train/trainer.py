@@ -90,7 +90,8 @@ def make_snapshot_fn(config: ml_collections.ConfigDict, graphdef, process):
   shape = (s.batch_size, d.image_size, d.image_size, d.num_channels)
   gen = generate.make_generate_fn(graphdef, process, prediction=config.model.prediction,
                                   sigma_data=config.model.sigma_data, sample_fn=sample_fn, settings=settings,
-                                  shape=shape, centered=d.centered)
+                                  shape=shape, centered=d.centered, guidance_scale=s.guidance_scale,
+                                  null_label=config.model.num_classes)
   rng = jax.random.fold_in(jax.random.key(config.seed), 2)
 
   def snapshot(state: TrainState, path: str):
