@@ -55,13 +55,18 @@ def _config_file_error(e: BaseException) -> str | None:
   return f'{os.path.relpath(f.filename)}:{f.lineno}: `{f.line}`: {type(e).__name__}: {what}'
 
 
+def _describe(argv: list[str], e: BaseException) -> str:
+  """One line for an error raised while the config file ran or its overrides were applied."""
+  return _bad_override(argv) or _config_file_error(e) or f'{type(e).__name__}: {" ".join(str(e).split())}'
+
+
 def parse_flags(argv: list[str]) -> list[str]:
   try:
     return FLAGS(argv)
   except flags.Error as e:
     _fail(' '.join(str(e).split()))
   except Exception as e:  # the config file or an override failed while loading
-    _fail(_bad_override(argv) or _config_file_error(e) or f'{type(e).__name__}: {" ".join(str(e).split())}')
+    _fail(_describe(argv, e))
 
 
 def main(argv: list[str]) -> None:
@@ -94,7 +99,7 @@ def define_flags(argv: list[str]) -> None:
     config_flags.DEFINE_config_file('config', DEFAULT_CONFIG, 'Training / sampling configuration.',
                                     lock_config=True)
   except Exception as e:
-    _fail(_bad_override(argv) or _config_file_error(e) or f'{type(e).__name__}: {" ".join(str(e).split())}')
+    _fail(_describe(argv, e))
   flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs and samples.')
   flags.DEFINE_enum('mode', 'train', MODES, 'What to do.')
 
