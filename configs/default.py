@@ -91,9 +91,23 @@ def get_config() -> config_dict.ConfigDict:
 
   # ---------------------------------------------------------------- sampling
   c.sample = config_dict.ConfigDict()
-  c.sample.sampler = 'ddim'  # ddpm | ddim
-  c.sample.num_steps = 100
+  c.sample.sampler = 'ddim'  # ddpm | ddim | pc | ode | dpm_solver | heun
+  c.sample.num_steps = 100  # time-grid points (NFE depends on the sampler)
   c.sample.eta = 0.0  # ddim: 0 deterministic, 1 DDPM posterior variance
+  c.sample.predictor = 'reverse_diffusion'  # pc: euler_maruyama | reverse_diffusion | ancestral | none
+  c.sample.corrector = 'langevin'  # pc: langevin | ald | none
+  c.sample.snr = 0.16  # pc: corrector signal-to-noise ratio
+  c.sample.n_steps_each = 1  # pc: corrector steps per grid point
+  c.sample.ode_method = 'dopri5'  # ode: dopri5 (adaptive) | euler | heun (on the time grid)
+  c.sample.rtol = 1e-5  # ode: dopri5 tolerances
+  c.sample.atol = 1e-5
+  c.sample.ode_max_steps = 4096
+  c.sample.order = 2  # dpm_solver: 1 | 2 | 3
+  c.sample.lower_order_final = True  # dpm_solver: lower orders on the last steps when num_steps < 15
+  c.sample.s_churn = 0.0  # heun: EDM stochasticity
+  c.sample.s_min = 0.0
+  c.sample.s_max = float('inf')
+  c.sample.s_noise = 1.0
   c.sample.spacing = 'linspace'  # linspace | logsnr | karras (any process); leading | trailing (ddpm)
   c.sample.rho = 7.0  # karras spacing exponent
   c.sample.t_end = placeholder(float)  # last time before the final denoising; None: the process's default

@@ -3,11 +3,15 @@
 import dataclasses
 from typing import Any, Callable
 
-from samplers import ancestral, ddim
+from samplers import ancestral, ddim, dpm_solver, heun, ode, pc
 
 SAMPLERS: dict[str, tuple[type, Callable]] = {
     'ddpm': (ancestral.AncestralSettings, ancestral.sample),
     'ddim': (ddim.DDIMSettings, ddim.sample),
+    'pc': (pc.PCSettings, pc.sample),
+    'ode': (ode.ODESettings, ode.sample),
+    'dpm_solver': (dpm_solver.DPMSolverSettings, dpm_solver.sample),
+    'heun': (heun.HeunSettings, heun.sample),
 }
 
 

@@ -29,6 +29,15 @@ class AncestralSettings:
   clip_range: tuple[float, float] | None = None
 
 
+def posterior_step(process: Process, x: jax.Array, x0: jax.Array, t, s, z: jax.Array) -> jax.Array:
+  """A draw of x_s ~ q(x_s | x_t = x, x_0 = x0), with standard normal noise z."""
+  a_t, s_t, a_s, s_s = process.alpha(t), process.sigma(t), process.alpha(s), process.sigma(s)
+  a_ts = a_t / a_s
+  beta_ts = s_t ** 2 - a_ts ** 2 * s_s ** 2
+  mean = (a_s * beta_ts / s_t ** 2) * x0 + (a_ts * s_s ** 2 / s_t ** 2) * x
+  return mean + jnp.sqrt(jnp.maximum(beta_ts * s_s ** 2 / s_t ** 2, 0.0)) * z
+
+
 def sample(rng: jax.Array, model_fn: ModelFn, process: Process, shape: tuple[int, ...],
            settings: AncestralSettings, cond: Any = None) -> tuple[jax.Array, int]:
   ts = base.time_grid(process, settings.num_steps, settings.spacing, settings.t_end, settings.rho)
@@ -37,13 +46,7 @@ def sample(rng: jax.Array, model_fn: ModelFn, process: Process, shape: tuple[int
 
   def step(x, t, s, rng):
     x0, _ = model_fn(x, base.broadcast_t(t, x), cond)
-    x0 = base.clip_x0(x0, settings.clip_range)
-    a_t, s_t, a_s, s_s = process.alpha(t), process.sigma(t), process.alpha(s), process.sigma(s)
-    a_ts = a_t / a_s
-    beta_ts = s_t ** 2 - a_ts ** 2 * s_s ** 2
-    mean = (a_s * beta_ts / s_t ** 2) * x0 + (a_ts * s_s ** 2 / s_t ** 2) * x
-    std = jnp.sqrt(jnp.maximum(beta_ts * s_s ** 2 / s_t ** 2, 0.0))
-    return mean + std * jax.random.normal(rng, x.shape)
+    return posterior_step(process, x, base.clip_x0(x0, settings.clip_range), t, s, jax.random.normal(rng, x.shape))
 
   x = base.run_steps(step, x, ts, rng_loop)
   nfe = ts.shape[0] - 1

@@ -56,17 +56,25 @@ def _distance(name, sampler, steps, n=4000, **options):
   return sliced_wasserstein(x, np.asarray(ref))
 
 
-@pytest.mark.parametrize('name,sampler,options', [
-    ('vp', 'ddim', {}), ('ddpm', 'ddim', {}), ('ve', 'ddim', {}),
-    ('ddpm', 'ddpm', {}), ('vp', 'ddim', {'eta': 1.0}), ('edm', 'ddim', {'spacing': 'karras'}),
-    ('subvp', 'ddim', {'spacing': 'logsnr'}),
+@pytest.mark.parametrize('name,sampler,coarse_steps,fine_steps,options', [
+    ('vp', 'ddim', 5, 200, {}), ('ddpm', 'ddim', 5, 200, {}), ('ve', 'ddim', 5, 200, {}),
+    ('ddpm', 'ddpm', 20, 1000, {}), ('vp', 'ddim', 20, 1000, {'eta': 1.0}),
+    ('edm', 'ddim', 5, 200, {'spacing': 'karras'}), ('subvp', 'ddim', 5, 200, {'spacing': 'logsnr'}),
+    ('vp', 'pc', 20, 1000, {'predictor': 'reverse_diffusion', 'corrector': 'langevin'}),
+    ('ve', 'pc', 20, 1000, {'predictor': 'reverse_diffusion', 'corrector': 'langevin'}),
+    ('subvp', 'pc', 20, 1000, {'predictor': 'euler_maruyama', 'corrector': 'none'}),
+    ('ve', 'pc', 20, 1000, {'predictor': 'ancestral', 'corrector': 'ald'}),
+    ('vp', 'ode', 4, 100, {'ode_method': 'heun', 'spacing': 'logsnr'}),
+    ('ve', 'ode', 4, 500, {'ode_method': 'euler'}),
+    ('vp', 'dpm_solver', 3, 25, {'order': 2, 'spacing': 'logsnr'}),
+    ('ddpm', 'dpm_solver', 3, 25, {'order': 3, 'spacing': 'logsnr'}),
+    ('edm', 'dpm_solver', 3, 25, {'order': 1, 'spacing': 'karras'}),
+    ('edm', 'heun', 2, 40, {}), ('vp', 'heun', 2, 40, {}),
+    ('edm', 'heun', 2, 80, {'s_churn': 20.0, 's_min': 0.05, 's_max': 50.0, 's_noise': 1.003}),
 ])
-def test_samplers_converge_to_the_mixture(name, sampler, options):
+def test_samplers_converge_to_the_mixture(name, sampler, coarse_steps, fine_steps, options):
   """With the exact score, samples approach the data distribution as the number of steps grows."""
-  if sampler == 'ddpm' or options.get('eta'):
-    coarse, fine = _distance(name, sampler, 20, **options), _distance(name, sampler, 1000, **options)
-  else:
-    coarse, fine = _distance(name, sampler, 5, **options), _distance(name, sampler, 200, **options)
+  coarse, fine = _distance(name, sampler, coarse_steps, **options), _distance(name, sampler, fine_steps, **options)
   floor = _distance_between_two_reference_draws()
   assert fine < coarse, (coarse, fine)
   assert fine < 2.0 * floor + 0.01, (fine, floor)
@@ -115,3 +123,51 @@ def test_classifier_free_guidance_wrapper():
     np.testing.assert_allclose(eps, eps_u + scale * (eps_c - eps_u), rtol=1e-6)
     np.testing.assert_allclose(x0, x0_u + scale * (x0_c - x0_u), rtol=1e-6)
     assert calls == ([3] if scale == 1.0 else [6])
+
+
+def _run(name, sampler, rng, n=2000, **options):
+  process = processes.get_process(name, **({'sigma_min': 0.002, 'sigma_max': 80.0} if name == 'edm' else {}))
+  settings, sample_fn = get_sampler(sampler, **options)
+  x, nfe = jax.jit(lambda r: sample_fn(r, MIXTURE.model_fn(process), process, (n, 2), settings))(rng)
+  return np.asarray(x), int(nfe)
+
+
+def test_adaptive_ode_converges_and_reports_nfe():
+  x, nfe = _run('vp', 'ode', jax.random.key(1), ode_method='dopri5', rtol=1e-5, atol=1e-5)
+  assert 20 < nfe < 2000
+  ref, _ = MIXTURE.sample(jax.random.key(2), 2000)
+  assert sliced_wasserstein(x, np.asarray(ref)) < 2.0 * _distance_between_two_reference_draws(2000) + 0.01
+
+
+def test_ddim_with_many_steps_equals_the_probability_flow_ode():
+  """Same initial noise: DDIM (eta=0) and the adaptive PF-ODE land on the same points."""
+  rng = jax.random.key(5)
+  a, _ = _run('vp', 'ddim', rng, n=256, num_steps=2000, spacing='logsnr')
+  b, _ = _run('vp', 'ode', rng, n=256, ode_method='dopri5', rtol=1e-6, atol=1e-6)
+  assert float(np.max(np.abs(a - b))) < 0.02, float(np.max(np.abs(a - b)))
+
+
+def test_ddim_eta_one_matches_ddpm_ancestral_in_distribution():
+  a, _ = _run('ddpm', 'ddim', jax.random.key(1), n=4000, num_steps=1000, eta=1.0)
+  b, _ = _run('ddpm', 'ddpm', jax.random.key(2), n=4000, num_steps=1000)
+  assert sliced_wasserstein(a, b) < 2.0 * _distance_between_two_reference_draws() + 0.01
+
+
+def test_probability_flow_round_trip():
+  """data -> noise -> data with the adaptive ODE reconstructs the data."""
+  from samplers import ode
+  process = processes.get_process('vp')
+  x0, _ = MIXTURE.sample(jax.random.key(3), 256)
+  settings = ode.ODESettings(rtol=1e-6, atol=1e-6)
+  model_fn = MIXTURE.model_fn(process)
+  forward = jnp.array([1e-3, 1.0]), jnp.array([1.0, 1e-3])
+  z, _ = ode.solve_flow(model_fn, process, x0, forward[0], settings)
+  back, _ = ode.solve_flow(model_fn, process, z, forward[1], settings)
+  assert float(jnp.std(z)) > 0.7  # really at the noise end
+  np.testing.assert_allclose(back, x0, atol=2e-3)
+
+
+def test_nfe_of_heun_and_dpm_solver():
+  assert _run('edm', 'heun', jax.random.key(0), n=4, num_steps=18)[1] == 35  # 2N - 1
+  assert _run('vp', 'dpm_solver', jax.random.key(0), n=4, num_steps=10, order=3)[1] == 10
+  assert _run('vp', 'pc', jax.random.key(0), n=4, num_steps=10, n_steps_each=2)[1] == 9 * 3 + 1
