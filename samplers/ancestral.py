@@ -38,18 +38,18 @@ def posterior_step(process: Process, x: jax.Array, x0: jax.Array, t, s, z: jax.A
   return mean + jnp.sqrt(jnp.maximum(beta_ts * s_s ** 2 / s_t ** 2, 0.0)) * z
 
 
-def sample(rng: jax.Array, model_fn: ModelFn, process: Process, shape: tuple[int, ...],
-           settings: AncestralSettings, cond: Any = None) -> tuple[jax.Array, int]:
-  ts = base.time_grid(process, settings.num_steps, settings.spacing, settings.t_end, settings.rho)
-  rng_prior, rng_loop = jax.random.split(rng)
-  x = process.prior_sample(rng_prior, shape)
+def make_step(model_fn: ModelFn, process: Process, settings: AncestralSettings, cond: Any = None):
+  """step(x, t, s, rng) -> x_s."""
 
   def step(x, t, s, rng):
     x0, _ = model_fn(x, base.broadcast_t(t, x), cond)
     return posterior_step(process, x, base.clip_x0(x0, settings.clip_range), t, s, jax.random.normal(rng, x.shape))
 
-  x = base.run_steps(step, x, ts, rng_loop)
-  nfe = ts.shape[0] - 1
-  if settings.denoise:
-    x, nfe = base.denoise(model_fn, x, ts[-1], cond, settings.clip_range), nfe + 1
-  return x, nfe
+  return step
+
+
+def sample(rng: jax.Array, model_fn: ModelFn, process: Process, shape: tuple[int, ...],
+           settings: AncestralSettings, cond: Any = None) -> tuple[jax.Array, int]:
+  ts = base.time_grid(process, settings.num_steps, settings.spacing, settings.t_end, settings.rho)
+  return base.run_grid(rng, model_fn, process, shape, ts, make_step(model_fn, process, settings, cond),
+                       nfe_per_step=1, denoise=settings.denoise, clip_range=settings.clip_range, cond=cond)

@@ -66,13 +66,19 @@ def _time_grid(process: Process, k: int, spacing: str, t_end: float | None, rho:
   return process.t_from_index(jnp.asarray(index[::-1].copy()))
 
 
-def run_steps(step: Callable[[Array, Array, Array, Array], Array], x: Array, ts: Array, rng: Array) -> Array:
-  """x <- step(x, t_i, t_{i+1}, rng_i) for i = 0..K-2, in one lax.fori_loop."""
-
-  def body(i, x):
-    return step(x, ts[i], ts[i + 1], jax.random.fold_in(rng, i))
-
-  return jax.lax.fori_loop(0, ts.shape[0] - 1, body, x)
+def run_grid(rng: Array, model_fn, process: Process, shape: tuple[int, ...], ts: Array,
+             step: Callable[[Array, Array, Array, Array], Array], *, nfe_per_step: int, denoise: bool,
+             clip_range: tuple[float, float] | None = None, cond: Any = None) -> tuple[Array, int]:
+  """The loop of every grid sampler: a prior draw at ts[0], then x <- step(x, t_i, t_{i+1}, rng_i) for
+  i = 0..K-2 in one lax.fori_loop, then (optionally) the final noise removal. Returns (x, NFE)."""
+  rng_prior, rng_loop = jax.random.split(rng)
+  x = process.prior_sample(rng_prior, shape)
+  x = jax.lax.fori_loop(0, ts.shape[0] - 1,
+                        lambda i, x: step(x, ts[i], ts[i + 1], jax.random.fold_in(rng_loop, i)), x)
+  nfe = (ts.shape[0] - 1) * nfe_per_step
+  if denoise:
+    x, nfe = denoise_step(model_fn, x, ts[-1], cond, clip_range), nfe + 1
+  return x, nfe
 
 
 def clip_x0(x0: Array, clip_range: tuple[float, float] | None) -> Array:
@@ -83,7 +89,7 @@ def broadcast_t(t: Array, x: Array) -> Array:
   return jnp.full(x.shape[:1], t, jnp.float32)
 
 
-def denoise(model_fn, x: Array, t: Array, cond: Any, clip_range) -> Array:
+def denoise_step(model_fn, x: Array, t: Array, cond: Any, clip_range) -> Array:
   """The final noise-removal step: x0 = E[x_0 | x_t] at the last sampling time."""
   x0, _ = model_fn(x, broadcast_t(t, x), cond)
   return clip_x0(x0, clip_range)

@@ -71,5 +71,5 @@ def sample(rng: jax.Array, model_fn: ModelFn, process: Process, shape: tuple[int
   x = process.prior_sample(jax.random.split(rng)[0], shape)  # the prior draw every sampler makes from rng
   x, nfe = solve_flow(model_fn, process, x, ts, settings, cond)
   if settings.denoise:
-    x, nfe = base.denoise(model_fn, x, ts[-1], cond, None), nfe + 1
+    x, nfe = base.denoise_step(model_fn, x, ts[-1], cond, None), nfe + 1
   return x, nfe

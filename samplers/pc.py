@@ -45,15 +45,12 @@ def _norm(a):
   return jnp.mean(jnp.linalg.norm(a.reshape(a.shape[0], -1), axis=-1))
 
 
-def sample(rng: jax.Array, model_fn: ModelFn, process: Process, shape: tuple[int, ...], settings: PCSettings,
-           cond: Any = None) -> tuple[jax.Array, int]:
+def make_step(model_fn: ModelFn, process: Process, settings: PCSettings, cond: Any = None):
+  """step(x, t, s, rng) -> x_s: the corrector at t, then the predictor to s."""
   if settings.predictor not in PREDICTORS:
     raise ValueError(f'unknown predictor {settings.predictor!r}; choose one of {PREDICTORS}')
   if settings.corrector not in CORRECTORS:
     raise ValueError(f'unknown corrector {settings.corrector!r}; choose one of {CORRECTORS}')
-  ts = base.time_grid(process, settings.num_steps, settings.spacing, settings.t_end, settings.rho)
-  rng_prior, rng_loop = jax.random.split(rng)
-  x = process.prior_sample(rng_prior, shape)
 
   def predict(x, t):
     x0, eps = model_fn(x, base.broadcast_t(t, x), cond)
@@ -92,9 +89,15 @@ def sample(rng: jax.Array, model_fn: ModelFn, process: Process, shape: tuple[int
       x = predictor(x, t, s, jax.random.normal(rng_p, x.shape))
     return x
 
-  x = base.run_steps(step, x, ts, rng_loop)
-  per_step = (settings.predictor != 'none') + (settings.corrector != 'none') * settings.n_steps_each
-  nfe = (ts.shape[0] - 1) * per_step
-  if settings.denoise:
-    x, nfe = base.denoise(model_fn, x, ts[-1], cond, None), nfe + 1
-  return x, nfe
+  return step
+
+
+def nfe_per_step(settings: PCSettings) -> int:
+  return int(settings.predictor != 'none') + int(settings.corrector != 'none') * settings.n_steps_each
+
+
+def sample(rng: jax.Array, model_fn: ModelFn, process: Process, shape: tuple[int, ...], settings: PCSettings,
+           cond: Any = None) -> tuple[jax.Array, int]:
+  ts = base.time_grid(process, settings.num_steps, settings.spacing, settings.t_end, settings.rho)
+  return base.run_grid(rng, model_fn, process, shape, ts, make_step(model_fn, process, settings, cond),
+                       nfe_per_step=nfe_per_step(settings), denoise=settings.denoise, cond=cond)
