@@ -1,0 +1,109 @@
+"""Sampler parity with diffusers' schedulers, from the fixture tests/fixtures/schedulers.npz.
+
+The fixture comes from tests/fixtures/make_scheduler_fixtures.py (PyTorch + diffusers on CPU): the same
+analytic networks, the same initial noise and, for DDPM, the same per-step noise.
+"""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from diffusion import processes
+from diffusion.parameterization import make_model_fn
+from samplers import ancestral, base, ddim, dpm_solver
+
+FIXTURE = np.load(os.path.join(os.path.dirname(__file__), 'fixtures', 'schedulers.npz'))
+TOL = dict(rtol=1e-5, atol=1e-5)
+
+
+def eps_net(x, index, cond=None):
+  return 0.9 * jnp.tanh(0.8 * x + 0.3 * jnp.sin(index / 100.0)[:, None, None, None]) + 0.05 * jnp.cos(x)
+
+
+def edm_net(x_in, c_noise, cond=None):
+  return jnp.tanh(0.7 * x_in + 0.2 * c_noise[:, None, None, None]) + 0.1 * x_in
+
+
+@pytest.fixture(scope='module')
+def ddpm_process():
+  return processes.get_process('ddpm', schedule='linear', beta_min=0.1, beta_max=20.0, num_timesteps=1000)
+
+
+def _index(ts):
+  return np.round(np.asarray(ts) * 1000 - 1).astype(int)
+
+
+def test_ddim_trajectory(ddpm_process):
+  p = ddpm_process
+  ts = base.time_grid(p, 50, 'leading')
+  np.testing.assert_array_equal(_index(ts), FIXTURE['ddim_t'])
+  model_fn = make_model_fn(eps_net, p, 'eps')
+  settings = ddim.DDIMSettings(num_steps=50, eta=0.0, spacing='leading', clip_range=(-1.0, 1.0))
+  step = jax.jit(ddim.make_step(model_fn, p, settings))
+  x = jnp.asarray(FIXTURE['x_T'])
+  for i in range(49):
+    x = step(x, ts[i], ts[i + 1], jax.random.key(0))
+    np.testing.assert_allclose(x, FIXTURE['ddim_traj'][i + 1], **TOL, err_msg=f'step {i}')
+  x = base.denoise_step(model_fn, x, ts[-1], None, (-1.0, 1.0))
+  np.testing.assert_allclose(x, FIXTURE['ddim_traj'][-1], **TOL)
+
+
+def test_ddpm_trajectory(ddpm_process):
+  p = ddpm_process
+  ts = base.time_grid(p, 50, 'leading')
+  np.testing.assert_array_equal(_index(ts), FIXTURE['ddpm_t'])
+  model_fn = make_model_fn(eps_net, p, 'eps')
+
+  @jax.jit
+  def step(x, t, s, z):
+    x0, _ = model_fn(x, base.broadcast_t(t, x))
+    return ancestral.posterior_step(p, x, jnp.clip(x0, -1, 1), t, s, z)
+
+  x = jnp.asarray(FIXTURE['x_T'])
+  for i in range(49):
+    x = step(x, ts[i], ts[i + 1], jnp.asarray(FIXTURE['ddpm_noise'][i]))
+    np.testing.assert_allclose(x, FIXTURE['ddpm_traj'][i + 1], **TOL, err_msg=f'step {i}')
+  x = base.denoise_step(model_fn, x, ts[-1], None, (-1.0, 1.0))
+  np.testing.assert_allclose(x, FIXTURE['ddpm_traj'][-1], **TOL)
+
+
+class _FixedPrior:
+  """The process with a given prior draw, so a whole sampler starts from the reference's noise."""
+
+  def __init__(self, process, x_T):
+    self._process, self._x_T = process, x_T
+
+  def __getattr__(self, name):
+    return getattr(self._process, name)
+
+  def prior_sample(self, rng, shape):
+    return self._x_T
+
+
+def test_dpm_solver_pp_2m(ddpm_process):
+  p = ddpm_process
+  ts = base.time_grid(p, 20, 'trailing')
+  np.testing.assert_array_equal(_index(ts), FIXTURE['dpm_t'])
+  settings = dpm_solver.DPMSolverSettings(num_steps=20, order=2, spacing='trailing')
+  x, nfe = dpm_solver.sample(jax.random.key(0), make_model_fn(eps_net, p, 'eps'),
+                             _FixedPrior(p, jnp.asarray(FIXTURE['x_T'])), FIXTURE['x_T'].shape, settings)
+  assert nfe == 20
+  np.testing.assert_allclose(x, FIXTURE['dpm_traj'][-1], rtol=1e-5, atol=2e-5)
+
+
+def test_edm_euler_trajectory():
+  p = processes.get_process('edm', sigma_min=0.002, sigma_max=80.0)
+  ts = base.time_grid(p, 18, 'karras', rho=7.0)
+  np.testing.assert_allclose(ts, FIXTURE['edm_sigmas'][:-1], rtol=1e-5)
+  model_fn = make_model_fn(edm_net, p, 'edm', sigma_data=0.5)
+  step = jax.jit(ddim.make_step(model_fn, p, ddim.DDIMSettings(num_steps=18, spacing='karras')))  # Euler
+  x = jnp.asarray(FIXTURE['edm_x_T'])
+  for i in range(17):
+    x = step(x, ts[i], ts[i + 1], jax.random.key(0))
+    scale = float(np.abs(FIXTURE['edm_traj'][i + 1]).max())
+    np.testing.assert_allclose(x, FIXTURE['edm_traj'][i + 1], rtol=1e-5, atol=1e-5 * scale, err_msg=f'step {i}')
+  x = base.denoise_step(model_fn, x, ts[-1], None, None)  # the Euler step to sigma = 0
+  np.testing.assert_allclose(x, FIXTURE['edm_traj'][-1], **TOL)
