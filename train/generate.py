@@ -33,15 +33,17 @@ def make_generate_fn(graphdef: nnx.GraphDef, process: Process, *, prediction: st
 
 
 def generate_images(generate_fn: Callable, params, buffers, rng: jax.Array, num_samples: int, batch_size: int,
-                    num_classes: int = 0, class_label: int | None = None) -> tuple[np.ndarray, np.ndarray, int]:
+                    num_classes: int = 0, class_label: int | None = None,
+                    first_index: int = 0) -> tuple[np.ndarray, np.ndarray, int]:
   """num_samples images [N, H, W, C] uint8, their labels [N] (-1: unconditional) and the NFE per sample.
 
   Batch i uses fold_in(rng, i), so the same seed gives the same images whatever else changes.
-  Class-conditional models cycle through the classes unless class_label is set.
+  Class-conditional models cycle through the classes (image k of the run, counted from first_index, gets
+  class k mod num_classes) unless class_label is set.
   """
   images, all_labels, nfe = [], [], 0
   for i in range(-(-num_samples // batch_size)):
-    idx = np.arange(i * batch_size, (i + 1) * batch_size)
+    idx = first_index + np.arange(i * batch_size, (i + 1) * batch_size)
     if num_classes > 0:
       labels = np.full(batch_size, class_label, np.int32) if class_label is not None else (idx % num_classes)
       labels = jnp.asarray(labels, jnp.int32)

@@ -1,0 +1,69 @@
+"""Inception features of uint8 images — generated batches or a dataset split — for FID / KID / IS / PR.
+
+Images enter as uint8 [B, H, W, C] (C = 1 is repeated to RGB, as FID tools do for grayscale data) and are
+scaled to [0, 1] on the device; every call is padded to one batch size so the network compiles once.
+"""
+
+from typing import Iterator
+
+import jax.numpy as jnp
+import numpy as np
+from tqdm import tqdm
+
+from data import pipeline
+from data.sources import ImageSource
+from eval import inception, inception_weights
+
+
+class FeatureExtractor:
+  """uint8 images -> (pool3 features [N, 2048] float32, logits [N, 1008] or None) as numpy arrays."""
+
+  def __init__(self, weights: str | None = None, batch_size: int = 250, *, cache_dir: str | None = None,
+               model: inception.InceptionV3 | None = None):
+    self.model = model if model is not None else inception_weights.load_inception(weights, cache_dir=cache_dir)
+    self.batch_size = batch_size
+    self.has_logits = self.model.fc is not None
+    blocks = ('pool3', 'logits') if self.has_logits else ('pool3',)
+    run = inception.make_blocks_fn(self.model, blocks)
+    self._fn = lambda u8: run(u8.astype(jnp.float32) / 255.0)
+
+  def __call__(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    images = np.asarray(images)
+    if images.ndim != 4 or images.shape[-1] not in (1, 3):
+      raise ValueError(f'expected uint8 images [N, H, W, 1 or 3], got shape {images.shape}')
+    if images.shape[-1] == 1:
+      images = np.repeat(images, 3, axis=-1)
+    feats, logits = [], []
+    for i in range(0, len(images), self.batch_size):
+      chunk = images[i:i + self.batch_size]
+      n = len(chunk)
+      if n < self.batch_size:  # pad: one compiled shape
+        chunk = np.concatenate([chunk, np.zeros((self.batch_size - n, *chunk.shape[1:]), chunk.dtype)])
+      out = self._fn(jnp.asarray(chunk, jnp.uint8))
+      feats.append(np.asarray(out['pool3'])[:n])
+      if self.has_logits:
+        logits.append(np.asarray(out['logits'])[:n])
+    return np.concatenate(feats), (np.concatenate(logits) if logits else None)
+
+
+def _batches(source: ImageSource, n: int, batch_size: int) -> Iterator[np.ndarray]:
+  seen = 0
+  for batch in pipeline.iterate_once(source, batch_size):
+    images = batch['image'][:n - seen]
+    seen += len(images)
+    yield images
+    if seen >= n:
+      return
+
+
+def source_features(extractor: FeatureExtractor, source: ImageSource, n: int, batch_size: int,
+                    desc: str = 'features') -> tuple[np.ndarray, np.ndarray | None]:
+  """Features (and logits) of the first n images of a data source, with a progress bar."""
+  feats, logits = [], []
+  for images in tqdm(_batches(source, n, batch_size), total=-(-n // batch_size), desc=desc, unit='batch',
+                     dynamic_ncols=True):
+    f, lg = extractor(images)
+    feats.append(f)
+    if lg is not None:
+      logits.append(lg)
+  return np.concatenate(feats), (np.concatenate(logits) if logits else None)

@@ -1,0 +1,281 @@
+"""--mode=fid_stats and --mode=eval: reference statistics, then FID / KID / IS (and bits/dim) of checkpoints.
+
+Like the trainer, this module reads the ConfigDict and hands typed arguments to eval/. Results go to
+<workdir>/eval/: one JSON per (checkpoint, sampler) — written last, so a preempted run redoes only the
+unfinished pair — plus, per checkpoint, a table (JSON + markdown) and a plot of FID against NFE, and
+TensorBoard scalars under <workdir>/tb.
+"""
+
+import copy
+import json
+import os
+import time
+
+import jax
+import ml_collections
+import numpy as np
+from tensorboardX import SummaryWriter
+from flax import nnx
+from tqdm import tqdm
+
+from data import pipeline
+from diffusion.parameterization import make_model_fn
+from eval import fid, inception_weights, likelihood, metrics
+from train import checkpoint, generate, trainer
+
+
+def _cache_dir(config: ml_collections.ConfigDict) -> str:
+  """eval.cache_dir, else the folder that also caches the converted Inception weights."""
+  return os.path.dirname(inception_weights.cache_path(config.eval.cache_dir))
+
+
+def _extractor(config: ml_collections.ConfigDict) -> fid.FeatureExtractor:
+  return fid.FeatureExtractor(config.eval.inception_weights, config.eval.batch_size, cache_dir=config.eval.cache_dir)
+
+
+def reference_paths(config: ml_collections.ConfigDict) -> tuple[str, str]:
+  """(statistics .npz, features .npz) of the reference set: per dataset, split, resolution and size."""
+  d, e = config.data, config.eval
+  split = e.ref_split or d.eval_split
+  name = f'{d.dataset}_{split}_{d.image_size}px_{d.num_channels}ch_n{e.ref_max_images}'
+  if d.dataset == 'folder':  # a folder is identified by its path
+    name = f'folder_{abs(hash(os.path.abspath(d.data_dir or ""))) % 10**8}_{name[len("folder_"):]}'
+  base = os.path.join(_cache_dir(config), 'fid_stats', name)
+  return base + '.npz', base + '_features.npz'
+
+
+def fid_stats(config: ml_collections.ConfigDict, extractor: fid.FeatureExtractor | None = None) -> dict:
+  """--mode=fid_stats: Inception statistics of the reference split, cached (pytorch-fid .npz format).
+
+  The features themselves are cached too: KID and precision / recall need them, not only (mu, sigma).
+  """
+  stats_path, feats_path = reference_paths(config)
+  if os.path.exists(stats_path) and os.path.exists(feats_path):
+    return {'stats': stats_path, 'features': feats_path, 'cached': True}
+  split = config.eval.ref_split or config.data.eval_split
+  source = trainer.build_source(config, split)
+  extractor = extractor or _extractor(config)
+  n = min(len(source), config.eval.ref_max_images)
+  feats, logits = fid.source_features(extractor, source, n, config.eval.batch_size,
+                                      desc=f'reference features ({config.data.dataset}/{split})')
+  mu, sigma = metrics.mu_sigma(feats)
+  os.makedirs(os.path.dirname(stats_path), exist_ok=True)
+  np.savez(feats_path + '.tmp.npz', features=feats, **({'logits': logits} if logits is not None else {}))
+  os.replace(feats_path + '.tmp.npz', feats_path)
+  metrics.save_stats(stats_path, mu, sigma, num_images=n)
+  return {'stats': stats_path, 'features': feats_path, 'cached': False, 'num_images': n}
+
+
+def _parse_samplers(config: ml_collections.ConfigDict) -> list[tuple[str, int]]:
+  if not config.eval.samplers:
+    return [(config.sample.sampler, config.sample.num_steps)]
+  out = []
+  for entry in config.eval.samplers:
+    name, _, steps = str(entry).partition(':')
+    if not steps.strip().isdigit():
+      raise ValueError(f"eval.samplers entry {entry!r} is not 'sampler:num_steps' (e.g. 'ddim:50')")
+    out.append((name.strip(), int(steps)))
+  return out
+
+
+def _select_steps(available: list[int], spec: str) -> list[int]:
+  if not available:
+    raise checkpoint.CheckpointError('no checkpoint to evaluate: train first (--mode=train)')
+  if spec == 'latest':
+    return [max(available)]
+  if spec == 'all':
+    return sorted(available)
+  lo, sep, hi = spec.partition(':')
+  try:
+    lo_i, hi_i = int(lo) if lo else 0, int(hi) if hi else max(available)
+  except ValueError:
+    lo_i = None
+  if not sep or lo_i is None:
+    raise ValueError(f"eval.checkpoints must be 'latest', 'all' or 'A:B', got {spec!r}")
+  chosen = [s for s in sorted(available) if lo_i <= s <= hi_i]
+  if not chosen:
+    raise checkpoint.CheckpointError(f'no checkpoint with step in [{lo_i}, {hi_i}]; have {sorted(available)}')
+  return chosen
+
+
+def _sample_metrics(config, feats, logits, ref_mu, ref_sigma, ref_feats) -> dict:
+  wanted, out = set(config.eval.metrics), {}
+  unknown = wanted - {'fid', 'kid', 'is', 'pr'}
+  if unknown:
+    raise ValueError(f'unknown eval.metrics {sorted(unknown)}; choose from fid, kid, is, pr')
+  if 'fid' in wanted:
+    out['fid'] = metrics.frechet_distance(*metrics.mu_sigma(feats), ref_mu, ref_sigma)
+  if 'kid' in wanted and ref_feats is not None:
+    out['kid'], out['kid_std'] = metrics.kid(feats, ref_feats)
+  if 'is' in wanted:
+    if logits is not None:
+      out['is'], out['is_std'] = metrics.inception_score(logits)
+    else:
+      out['is_note'] = 'no Inception Score: these Inception weights have no 1008-way classifier'
+  if 'pr' in wanted and ref_feats is not None:
+    out['precision'], out['recall'] = metrics.precision_recall(ref_feats, feats)
+  return out
+
+
+def _write_table(eval_dir: str, step: int, rows: list[dict]) -> None:
+  """FID (and friends) against NFE for one checkpoint: JSON, markdown and a PNG plot."""
+  base = os.path.join(eval_dir, f'table_step{step:08d}')
+  with open(base + '.json', 'w') as f:
+    json.dump(rows, f, indent=1)
+  keys = [k for k in ('fid', 'kid', 'is', 'precision', 'recall', 'bpd') if any(k in r for r in rows)]
+  lines = ['| sampler | steps | NFE | ' + ' | '.join(keys) + ' |', '|---|---|---|' + '---|' * len(keys)]
+  for r in rows:
+    cells = [f'{r[k]:.4g}' if k in r else '' for k in keys]
+    lines.append(f"| {r['sampler']} | {r['num_steps']} | {r['nfe']} | " + ' | '.join(cells) + ' |')
+  with open(base + '.md', 'w') as f:
+    f.write('\n'.join(lines) + '\n')
+  if any('fid' in r for r in rows):
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name in dict.fromkeys(r['sampler'] for r in rows):
+      pts = sorted((r['nfe'], r['fid']) for r in rows if r['sampler'] == name and 'fid' in r)
+      ax.plot(*zip(*pts), marker='o', label=name)
+    ax.set(xscale='log', xlabel='NFE', ylabel='FID', title=f'step {step}')
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(base + '.png', dpi=110)
+    plt.close(fig)
+
+
+def evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
+  """--mode=eval: every selected checkpoint x sampler -> metrics JSON; skips pairs already evaluated."""
+  e, d, s = config.eval, config.data, config.sample
+  eval_dir = os.path.join(workdir, 'eval')
+  os.makedirs(eval_dir, exist_ok=True)
+  plan = _parse_samplers(config)
+  for name, _ in plan:
+    trainer.build_sampler(_with_sampler(config, name, 2))  # an unknown sampler fails before any work
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'))
+  steps = _select_steps(ckpt.all_steps(), e.checkpoints)
+
+  extractor = _extractor(config)
+  ref_feats = None
+  if e.ref_stats:
+    ref_mu, ref_sigma = metrics.load_stats(e.ref_stats)
+    if {'kid', 'pr'} & set(e.metrics):
+      raise ValueError('eval.ref_stats holds only (mu, sigma): KID and precision/recall need the reference '
+                       "features; drop them from eval.metrics or leave eval.ref_stats unset")
+  else:
+    paths = fid_stats(config, extractor)
+    ref_mu, ref_sigma = metrics.load_stats(paths['stats'])
+    with np.load(paths['features'], allow_pickle=False) as f:
+      ref_feats = f['features']
+
+  process = trainer.build_process(config)
+  graphdef, state_like, _, _ = trainer.init_state(config)
+  writer = SummaryWriter(os.path.join(workdir, 'tb')) if jax.process_index() == 0 else None
+  results = []
+  for step in steps:
+    state = None
+    rows = []
+    for name, num_steps in plan:
+      label = f'{name}_{num_steps}'
+      path = os.path.join(eval_dir, f'step{step:08d}_{label}.json')
+      if os.path.exists(path):
+        with open(path) as f:
+          rows.append(json.load(f))
+        continue
+      if state is None:
+        state = ckpt.restore(state_like, step)
+      c = _with_sampler(config, name, num_steps)
+      settings, sample_fn = trainer.build_sampler(c)
+      shape = (e.batch_size, d.image_size, d.image_size, d.num_channels)
+      gen = generate.make_generate_fn(graphdef, process, prediction=config.model.prediction,
+                                      sigma_data=config.model.sigma_data, sample_fn=sample_fn, settings=settings,
+                                      shape=shape, centered=d.centered, guidance_scale=s.guidance_scale,
+                                      null_label=config.model.num_classes)
+      rng = jax.random.fold_in(jax.random.key(config.seed), 3)
+      t0 = time.perf_counter()
+      feats, logits, nfe = _generated_features(gen, state, rng, extractor, config, desc=f'step {step} {label}')
+      row = {'step': step, 'sampler': name, 'num_steps': num_steps, 'nfe': nfe, 'num_samples': e.num_samples,
+             'reference': e.ref_stats or reference_paths(config)[0],
+             **_sample_metrics(config, feats, logits, ref_mu, ref_sigma, ref_feats),
+             'seconds': round(time.perf_counter() - t0, 1)}
+      if e.bpd:
+        row.update(_bpd(config, graphdef, state, process))
+      if writer is not None:
+        for k in ('fid', 'kid', 'is', 'precision', 'recall', 'bpd'):
+          if k in row:
+            writer.add_scalar(f'eval/{label}/{k}', row[k], step)
+        writer.flush()
+      with open(path + '.tmp', 'w') as f:
+        json.dump(row, f, indent=1)
+      os.replace(path + '.tmp', path)  # the marker that this pair is done
+      rows.append(row)
+    _write_table(eval_dir, step, rows)
+    results.extend(rows)
+  ckpt.close()
+  if writer is not None:
+    writer.close()
+  return results
+
+
+def describe(row: dict) -> str:
+  """One line per evaluated (checkpoint, sampler)."""
+  scores = ', '.join(f'{k} {row[k]:.4g}' for k in ('fid', 'kid', 'is', 'precision', 'recall', 'bpd') if k in row)
+  return (f"step {row['step']} {row['sampler']} {row['num_steps']} steps ({row['nfe']} NFE), "
+          f"{row['num_samples']} samples: {scores}")
+
+
+def _with_sampler(config: ml_collections.ConfigDict, name: str, num_steps: int) -> ml_collections.ConfigDict:
+  c = copy.deepcopy(config)
+  c.sample.sampler, c.sample.num_steps = name, num_steps
+  return c
+
+
+def _generated_features(gen, state, rng, extractor, config, desc: str):
+  """Generates eval.num_samples images batch by batch and returns their Inception features and logits."""
+  e, num_classes = config.eval, config.model.num_classes
+  feats, logits, nfe = [], [], 0
+  for i in tqdm(range(-(-e.num_samples // e.batch_size)), desc=desc, unit='batch', dynamic_ncols=True):
+    imgs, _, nfe = generate.generate_images(gen, state.ema_params, state.buffers, jax.random.fold_in(rng, i),
+                                            e.batch_size, e.batch_size, num_classes, config.sample.class_label,
+                                            first_index=i * e.batch_size)
+    f, lg = extractor(imgs)
+    feats.append(f)
+    if lg is not None:
+      logits.append(lg)
+  n = e.num_samples
+  return np.concatenate(feats)[:n], (np.concatenate(logits)[:n] if logits else None), nfe
+
+
+def _bpd(config, graphdef, state, process) -> dict:
+  """Test-set bits/dim of the EMA model through the probability-flow ODE (class-conditional models: the
+  likelihood given each image's label)."""
+  e, d = config.eval, config.data
+  settings = likelihood.LikelihoodSettings(estimator=e.bpd_estimator, rtol=e.bpd_rtol, atol=e.bpd_atol,
+                                           centered=d.centered, dequantize='uniform')
+  source = trainer.build_source(config, d.eval_split)
+  n = min(len(source), e.bpd_num_images)
+  num_classes = config.model.num_classes
+
+  @jax.jit
+  def batch_bpd(params, buffers, rng, images, labels):
+    model = nnx.merge(graphdef, params, buffers)
+    model_fn = make_model_fn(lambda x, c, y: model(x, c, y), process, config.model.prediction,
+                             config.model.sigma_data)
+    return likelihood.nll_bpd(rng, model_fn, process, images, settings, labels if num_classes else None)
+
+  rng = jax.random.fold_in(jax.random.key(config.seed), 4)
+  values, nfes = [], []
+  batches = pipeline.iterate_once(source, e.batch_size)
+  for i, batch in enumerate(tqdm(batches, total=-(-n // e.batch_size), desc='bits/dim', unit='batch')):
+    images, labels = batch['image'][:n - len(values)], batch['label'][:n - len(values)]
+    bpd, nfe = batch_bpd(state.ema_params, state.buffers, jax.random.fold_in(rng, i), images, labels)
+    values.extend(np.asarray(bpd).tolist())
+    nfes.append(int(nfe))
+    if len(values) >= n:
+      break
+  values = np.asarray(values)
+  if not np.isfinite(values).all():
+    raise ValueError(f'{int((~np.isfinite(values)).sum())} of {n} likelihood solves failed (NaN): raise '
+                     'eval.bpd_rtol / bpd_atol or check the model')
+  return {'bpd': float(values.mean()), 'bpd_stderr': float(values.std(ddof=1) / np.sqrt(n)) if n > 1 else 0.0,
+          'bpd_num_images': n, 'bpd_mean_nfe': float(np.mean(nfes))}
