@@ -254,6 +254,16 @@ class EDMProcess(Process):
     return 0.25 * jnp.log(t)  # c_noise of the EDM paper
 
 
+def _interp_compare_all(x: Array, xp: np.ndarray, fp: np.ndarray) -> Array:
+  """jnp.interp(x, xp, fp) for increasing xp, locating x by comparing with every node (no while loop; see
+  DiscreteDDPM.log_alpha)."""
+  x = jnp.asarray(x, jnp.float32)
+  xp, fp = jnp.asarray(xp, jnp.float32), jnp.asarray(fp, jnp.float32)
+  k = jnp.clip(jnp.sum(x[..., None] >= xp, axis=-1) - 1, 0, xp.shape[0] - 2)
+  w = jnp.clip((x - xp[k]) / (xp[k + 1] - xp[k]), 0.0, 1.0)
+  return fp[k] + w * (fp[k + 1] - fp[k])
+
+
 class DiscreteDDPM(Process):
   """DDPM (Ho et al. 2020) on t = (index + 1) / N, index = 0..N-1, with alpha(t_i)^2 = alpha_bar_i.
 
@@ -279,7 +289,14 @@ class DiscreteDDPM(Process):
     return f'DiscreteDDPM(schedule={self.schedule!r}, num_timesteps={self.num_timesteps})'
 
   def log_alpha(self, t):
-    return jnp.interp(t, self._t_nodes, self._log_alpha)
+    # Linear interpolation on the uniform nodes k / N by arithmetic, not jnp.interp: its searchsorted is a
+    # while loop, and a table lookup inside a sampler loop whose offset comes from a nested while loop fails
+    # to compile on XLA:GPU (openxla/xla#49299, DynamicSliceAnnotator).
+    n = self.num_timesteps
+    u = jnp.clip(jnp.asarray(t, jnp.float32) * n, 0.0, float(n))
+    k = jnp.minimum(jnp.floor(u).astype(jnp.int32), n - 1)
+    la = jnp.asarray(self._log_alpha)
+    return la[k] + (u - k) * (la[k + 1] - la[k])
 
   def alpha(self, t):
     return jnp.exp(self.log_alpha(t))
@@ -293,7 +310,7 @@ class DiscreteDDPM(Process):
 
   def t_from_log_snr(self, lam):
     log_alpha = -0.5 * jax.nn.softplus(-lam)
-    return jnp.interp(log_alpha, self._log_alpha[::-1], self._t_nodes[::-1])
+    return _interp_compare_all(log_alpha, self._log_alpha[::-1], self._t_nodes[::-1])
 
   def f(self, t):
     n = self.num_timesteps

@@ -68,7 +68,9 @@ def make_step(model_fn: ModelFn, process: Process, settings: PCSettings, cond: A
         step = 2 * alpha * (settings.snr * process.sigma(t)) ** 2
       return x + step * score + jnp.sqrt(2 * step) * z
 
-    return jax.lax.fori_loop(0, settings.n_steps_each, one, x)
+    for j in range(settings.n_steps_each):  # unrolled (1-2 steps): no loop nested in the sampler's loop
+      x = one(j, x)
+    return x
 
   def predictor(x, t, s, z):
     if settings.predictor == 'euler_maruyama':

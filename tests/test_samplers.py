@@ -171,3 +171,27 @@ def test_nfe_of_heun_and_dpm_solver():
   assert _run('edm', 'heun', jax.random.key(0), n=4, num_steps=18)[1] == 35  # 2N - 1
   assert _run('vp', 'dpm_solver', jax.random.key(0), n=4, num_steps=10, order=3)[1] == 10
   assert _run('vp', 'pc', jax.random.key(0), n=4, num_steps=10, n_steps_each=2)[1] == 9 * 3 + 1
+
+
+def _nested_whiles(jaxpr, depth=0) -> int:
+  """Number of loops (while / scan: both are XLA while loops) inside the body of another loop."""
+  count = 0
+  for eqn in jaxpr.eqns:
+    is_loop = eqn.primitive.name in ('while', 'scan')
+    inner = depth + is_loop
+    if is_loop and depth > 0:
+      count += 1
+    for sub in jax.core.jaxprs_in_params(eqn.params):
+      count += _nested_whiles(sub, inner)
+  return count
+
+
+@pytest.mark.parametrize('sampler', ['ddim', 'ddpm', 'dpm_solver', 'heun', 'pc'])
+def test_sampler_loops_hold_no_nested_while_loops(sampler):
+  """A table lookup whose offset comes from a while loop nested in the sampler loop fails to compile on
+  XLA:GPU (openxla/xla#49299): the discrete process must interpolate its tables without one."""
+  process = processes.get_process('ddpm')
+  settings, fn = get_sampler(sampler, num_steps=5)
+  model_fn = lambda x, t, c=None: (x * process.alpha(t)[:, None], x * process.sigma(t)[:, None])
+  jaxpr = jax.make_jaxpr(lambda r: fn(r, model_fn, process, (2, 3), settings))(jax.random.key(0))
+  assert _nested_whiles(jaxpr.jaxpr) == 0
