@@ -77,6 +77,11 @@ def main(argv: list[str]) -> None:
   if not FLAGS.workdir:
     _fail('--workdir is required')
   os.makedirs(FLAGS.workdir, exist_ok=True)
+  p = config.parallel
+  if p.distributed:  # before anything touches a device; None arguments are auto-detected (TPU, SLURM)
+    import jax
+    jax.distributed.initialize(coordinator_address=p.coordinator_address, num_processes=p.num_processes,
+                               process_id=p.process_id)
 
   from train import checkpoint, evaluation, trainer  # imported after flag checks: nothing compiles before
   from data.errors import DataError

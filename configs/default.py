@@ -60,6 +60,16 @@ def get_config() -> config_dict.ConfigDict:
   c.model.num_classes = 0  # > 0: class-conditional (label num_classes is the null label for guidance)
   c.model.dtype = 'float32'  # compute dtype: float32 | bfloat16 (parameters stay float32)
 
+  # ---------------------------------------------------------------- parallelism (train/sharding.py)
+  c.parallel = config_dict.ConfigDict()
+  c.parallel.mesh_shape = (-1, 1)  # sizes of parallel.mesh_axes; one may be -1 (the remaining devices)
+  c.parallel.mesh_axes = ('data', 'fsdp')  # the batch is split over both; parameters along 'fsdp'
+  c.parallel.fsdp_min_size = 2 ** 16  # parameters with fewer elements stay replicated
+  c.parallel.distributed = False  # multi-host: call jax.distributed.initialize() first
+  c.parallel.coordinator_address = placeholder(str)  # host:port of process 0; None: auto (TPU, SLURM)
+  c.parallel.num_processes = placeholder(int)
+  c.parallel.process_id = placeholder(int)
+
   # ---------------------------------------------------------------- optimizer
   c.optim = config_dict.ConfigDict()
   c.optim.optimizer = 'adam'  # adam | adamw
@@ -76,6 +86,7 @@ def get_config() -> config_dict.ConfigDict:
   c.training.batch_size = 128
   c.training.num_steps = 1_300_000
   c.training.steps_per_call = 1  # optimizer steps fused into one jitted call (lax.scan)
+  c.training.grad_accum = 1  # micro-batches per optimizer step (same gradient, 1/grad_accum the activations)
   c.training.ema_decay = 0.9999
   c.training.loss_weighting = 'eps'  # eps (DDPM simple / uniform DSM) | likelihood | x0 | v | edm
   c.training.time_sampling = 'uniform'  # uniform on [t_eps, T] | discrete (ddpm indices) | lognormal (EDM)

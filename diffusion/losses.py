@@ -72,15 +72,28 @@ def eps_weight(process: Process, t: Array, settings: LossSettings) -> Array:
   return (s2 + d2) / d2
 
 
-def denoising_loss(model_fn: ModelFn, process: Process, x0: Array, rng: Array, settings: LossSettings,
-                   cond: Any = None) -> tuple[Array, dict[str, Array]]:
-  """Mean over the batch of w(t) * reduce_pixels((eps_hat - eps)^2); x0 is [B, ...] in model space."""
+def draw_noise(rng: Array, x0: Array, process: Process, settings: LossSettings) -> tuple[Array, Array]:
+  """The loss's randomness for a batch x0 [B, ...]: times t [B] and noise eps [B, ...]."""
   rng_t, rng_eps = jax.random.split(rng)
-  t = sample_time(rng_t, x0.shape[0], process, settings)
-  eps = jax.random.normal(rng_eps, x0.shape, x0.dtype)
+  return sample_time(rng_t, x0.shape[0], process, settings), jax.random.normal(rng_eps, x0.shape, x0.dtype)
+
+
+def denoising_loss_at(model_fn: ModelFn, process: Process, x0: Array, t: Array, eps: Array, settings: LossSettings,
+                      cond: Any = None) -> tuple[Array, dict[str, Array]]:
+  """Mean over the batch of w(t) * reduce_pixels((eps_hat - eps)^2) at given t [B] and eps [B, ...].
+
+  Separate from the draws, so micro-batches of one batch (gradient accumulation) see exactly its noise.
+  """
   x_t = process.perturb(x0, t, eps)
   _, eps_hat = model_fn(x_t, t, cond)
   err = jnp.square(eps_hat - eps).reshape(x0.shape[0], -1)
   err = jnp.mean(err, -1) if settings.reduce == 'mean' else jnp.sum(err, -1)
   per_example = eps_weight(process, t, settings) * err  # [B]
   return jnp.mean(per_example), {'t': t, 'per_example': per_example}
+
+
+def denoising_loss(model_fn: ModelFn, process: Process, x0: Array, rng: Array, settings: LossSettings,
+                   cond: Any = None) -> tuple[Array, dict[str, Array]]:
+  """Mean over the batch of w(t) * reduce_pixels((eps_hat - eps)^2); x0 is [B, ...] in model space."""
+  t, eps = draw_noise(rng, x0, process, settings)
+  return denoising_loss_at(model_fn, process, x0, t, eps, settings, cond)

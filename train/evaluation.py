@@ -190,7 +190,8 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
       gen = generate.make_generate_fn(graphdef, process, prediction=config.model.prediction,
                                       sigma_data=config.model.sigma_data, sample_fn=sample_fn, settings=settings,
                                       shape=shape, centered=d.centered, guidance_scale=s.guidance_scale,
-                                      null_label=config.model.num_classes)
+                                      null_label=config.model.num_classes,
+                                      mesh=trainer.sampling_mesh(config, e.batch_size))
       rng = jax.random.fold_in(jax.random.key(config.seed), 3)
       t0 = time.perf_counter()
       feats, logits, nfe = _generated_features(gen, state, rng, extractor, config, desc=f'step {step} {label}')

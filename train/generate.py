@@ -11,15 +11,17 @@ from data import scaler
 from diffusion.parameterization import make_model_fn
 from diffusion.processes import Process
 from samplers.guidance import classifier_free_guidance
+from train import sharding
 
 
 def make_generate_fn(graphdef: nnx.GraphDef, process: Process, *, prediction: str, sigma_data: float,
                      sample_fn: Callable, settings: Any, shape: tuple[int, ...], centered: bool,
-                     guidance_scale: float = 1.0, null_label: int = 0) -> Callable:
+                     guidance_scale: float = 1.0, null_label: int = 0, mesh=None) -> Callable:
   """A jitted fn(params, buffers, rng, labels | None) -> (uint8 images [B, H, W, C], nfe).
 
   With labels and guidance_scale != 1, classifier-free guidance against `null_label` (NFE counts network
-  evaluations of the batch; a guided one evaluates it twice).
+  evaluations of the batch; a guided one evaluates it twice). With a mesh, the batch is split over its
+  data-like axes (the samples are the same as on one device: the noise is drawn for the global batch).
   """
 
   def generate(params, buffers, rng, labels):
@@ -29,7 +31,9 @@ def make_generate_fn(graphdef: nnx.GraphDef, process: Process, *, prediction: st
     x, nfe = sample_fn(rng, model_fn, process, shape, settings, labels)
     return scaler.to_uint8(x, centered=centered), nfe
 
-  return jax.jit(generate)
+  if mesh is None:
+    return jax.jit(generate)
+  return jax.jit(generate, out_shardings=(sharding.batch_sharding(mesh), sharding.replicated(mesh)))
 
 
 def generate_images(generate_fn: Callable, params, buffers, rng: jax.Array, num_samples: int, batch_size: int,

@@ -31,14 +31,18 @@ class StepSettings:
   random_flip: bool = False
   num_classes: int = 0  # > 0: feed labels, replaced by the null label with probability label_dropout
   label_dropout: float = 0.0
+  grad_accum: int = 1  # micro-batches per step: the gradient of the whole batch, 1/grad_accum the activations
 
 
 def make_train_step(graphdef: nnx.GraphDef, process: Process, tx: optax.GradientTransformation,
                     schedule: optax.Schedule, settings: StepSettings,
                     rng: jax.Array) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
-  """One optimizer step on one batch."""
+  """One optimizer step on one batch (with settings.grad_accum > 1, over that many micro-batches; dropout
+  masks then differ from the full-batch step's, everything else is the same)."""
 
-  def loss_fn(params, buffers, batch, key):
+  def draw(batch, key):
+    """Everything random about the batch, drawn for the whole batch at once (so micro-batching changes
+    nothing): model-space x0, labels after dropout, loss times and noise, and the dropout key."""
     k_data, k_flip, k_label, k_drop, k_loss = jax.random.split(key, 5)
     x0 = scaler.to_model(batch['image'], centered=settings.centered, dequantize=settings.dequantize, rng=k_data)
     if settings.random_flip:
@@ -47,15 +51,39 @@ def make_train_step(graphdef: nnx.GraphDef, process: Process, tx: optax.Gradient
     if settings.num_classes > 0:
       drop = jax.random.bernoulli(k_label, settings.label_dropout, batch['label'].shape)
       labels = jnp.where(drop, settings.num_classes, batch['label'])
+    t, eps = losses.draw_noise(k_loss, x0, process, settings.loss)
+    return {'x0': x0, 'labels': labels, 't': t, 'eps': eps}, k_drop
+
+  def loss_fn(params, buffers, drawn, k_drop):
     model = nnx.merge(graphdef, params, buffers)
     net_fn = lambda x, c, y: model(x, c, y, train=True, rngs=nnx.Rngs(dropout=k_drop))
     model_fn = make_model_fn(net_fn, process, settings.prediction, settings.loss.sigma_data)
-    loss, _ = losses.denoising_loss(model_fn, process, x0, k_loss, settings.loss, cond=labels)
+    loss, _ = losses.denoising_loss_at(model_fn, process, drawn['x0'], drawn['t'], drawn['eps'], settings.loss,
+                                       cond=drawn['labels'])
     return loss
+
+  def loss_and_grads(params, buffers, batch, key):
+    drawn, k_drop = draw(batch, key)
+    a = settings.grad_accum
+    if a == 1:
+      return jax.value_and_grad(loss_fn)(params, buffers, drawn, k_drop)
+    b = drawn['x0'].shape[0]
+    if b % a:
+      raise ValueError(f'the per-step batch {b} is not divisible by grad_accum={a}')
+    micro = jax.tree.map(lambda v: v.reshape(a, b // a, *v.shape[1:]), drawn)  # [A, B/A, ...]
+
+    def accumulate(carry, xs):
+      j, mb = xs
+      loss, grads = jax.value_and_grad(loss_fn)(params, buffers, mb, jax.random.fold_in(k_drop, j))
+      return jax.tree.map(jnp.add, carry, (loss, grads)), None
+
+    zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
+    total, _ = jax.lax.scan(accumulate, zeros, (jnp.arange(a), micro))
+    return jax.tree.map(lambda v: v / a, total)  # equal micro-batches: the mean of means is the batch mean
 
   def step(state: TrainState, batch: Batch):
     key = jax.random.fold_in(rng, state.step)
-    loss, grads = jax.value_and_grad(loss_fn)(state.params, state.buffers, batch, key)
+    loss, grads = loss_and_grads(state.params, state.buffers, batch, key)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     d = settings.ema_decay

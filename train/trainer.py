@@ -15,14 +15,14 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh
 
 import models
 import samplers
 from data import images as image_io
 from data import pipeline, scaler, sources
 from diffusion import losses, processes
-from train import checkpoint, generate, step as step_lib
+from train import checkpoint, generate, sharding, step as step_lib
 from train.logger import Logger
 from train.optimizer import make_optimizer
 from train.state import TrainState
@@ -62,6 +62,11 @@ def build_sampler(config: ml_collections.ConfigDict):
   return samplers.get_sampler(s.sampler, **options)
 
 
+def build_mesh(config: ml_collections.ConfigDict) -> Mesh:
+  p = config.parallel
+  return sharding.make_mesh(tuple(p.mesh_shape), tuple(p.mesh_axes))
+
+
 def build_source(config: ml_collections.ConfigDict, split: str) -> sources.ImageSource:
   d = config.data
   return sources.get_source(d.dataset, split, image_size=d.image_size, num_channels=d.num_channels,
@@ -83,6 +88,12 @@ def init_state(config: ml_collections.ConfigDict):
   return graphdef, TrainState.create(params, buffers, tx), tx, schedule
 
 
+def sampling_mesh(config: ml_collections.ConfigDict, batch_size: int) -> Mesh | None:
+  """The mesh to split sampling batches over, or None (one device) when the batch does not divide."""
+  mesh = build_mesh(config)
+  return mesh if batch_size % sharding.batch_parallelism(mesh) == 0 and mesh.size > 1 else None
+
+
 def make_snapshot_fn(config: ml_collections.ConfigDict, graphdef, process):
   """fn(state, path) writing a grid of EMA samples; returns the jitted generator for reuse."""
   settings, sample_fn = build_sampler(config)
@@ -91,13 +102,14 @@ def make_snapshot_fn(config: ml_collections.ConfigDict, graphdef, process):
   gen = generate.make_generate_fn(graphdef, process, prediction=config.model.prediction,
                                   sigma_data=config.model.sigma_data, sample_fn=sample_fn, settings=settings,
                                   shape=shape, centered=d.centered, guidance_scale=s.guidance_scale,
-                                  null_label=config.model.num_classes)
+                                  null_label=config.model.num_classes, mesh=sampling_mesh(config, s.batch_size))
   rng = jax.random.fold_in(jax.random.key(config.seed), 2)
 
   def snapshot(state: TrainState, path: str):
     imgs, labels, nfe = generate.generate_images(gen, state.ema_params, state.buffers, rng, s.num_samples,
                                                  s.batch_size, config.model.num_classes, s.class_label)
-    image_io.save_grid(path, imgs, ncol=config.model.num_classes or None)  # one column per class
+    if jax.process_index() == 0:
+      image_io.save_grid(path, imgs, ncol=config.model.num_classes or None)  # one column per class
     return imgs, labels, nfe
 
   return snapshot
@@ -114,33 +126,36 @@ def _check_intervals(t: ml_collections.ConfigDict) -> None:
 def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
   t = config.training
   _check_intervals(t)
-  n_dev, n_proc = jax.device_count(), jax.process_count()
-  if t.batch_size % n_dev:
-    raise ValueError(f'training.batch_size={t.batch_size} is not divisible by the {n_dev} devices')
+  n_proc = jax.process_count()
+  mesh = build_mesh(config)
+  n_batch = sharding.batch_parallelism(mesh)
+  if t.batch_size % (n_batch * t.grad_accum):
+    raise ValueError(f'training.batch_size={t.batch_size} is not divisible by the {n_batch}-way batch '
+                     f'parallelism times training.grad_accum={t.grad_accum}')
   process = build_process(config)
   source = build_source(config, config.data.split)  # fails early on missing data or a size mismatch
   if config.model.num_classes > 0 and source.num_classes == 0:
     raise ValueError(f'model.num_classes={config.model.num_classes} but {config.data.dataset} has no labels')
 
   graphdef, state, tx, schedule = init_state(config)
+  # The state lives on the mesh before a restore, so a checkpoint written on any other mesh is resharded
+  # onto this one.
+  state_sharding = sharding.state_shardings(state, mesh, config.parallel.fsdp_min_size)
+  state = jax.device_put(state, state_sharding)
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'), t.keep_checkpoints)
   if ckpt.latest_step() is not None:
     state = ckpt.restore(state)
   start = int(state.step)
-
-  # One mesh over all devices; the batch is split along 'data', the state replicated.
-  mesh = Mesh(np.asarray(jax.devices()), ('data',))
-  replicated = NamedSharding(mesh, P())
-  batch_sharding = NamedSharding(mesh, P(None, 'data'))  # [k, B, ...]
-  state = jax.device_put(state, replicated)
+  batch_sharding = sharding.batch_sharding(mesh, leading=1)  # [k, B, ...]
   settings = step_lib.StepSettings(
       prediction=config.model.prediction, loss=build_loss(config), ema_decay=t.ema_decay,
       centered=config.data.centered, dequantize=config.data.uniform_dequantization,
-      random_flip=config.data.random_flip, num_classes=config.model.num_classes, label_dropout=t.label_dropout)
+      random_flip=config.data.random_flip, num_classes=config.model.num_classes, label_dropout=t.label_dropout,
+      grad_accum=t.grad_accum)
   rng_train = jax.random.fold_in(jax.random.key(config.seed), 1)
   one_step = step_lib.make_train_step(graphdef, process, tx, schedule, settings, rng_train)
-  train_fn = jax.jit(step_lib.multi_step(one_step, t.steps_per_call), in_shardings=(replicated, batch_sharding),
-                     out_shardings=(replicated, replicated), donate_argnums=0)
+  train_fn = jax.jit(step_lib.multi_step(one_step, t.steps_per_call), in_shardings=(state_sharding, batch_sharding),
+                     out_shardings=(state_sharding, sharding.replicated(mesh)), donate_argnums=0)
   snapshot = make_snapshot_fn(config, graphdef, process)
 
   k = t.steps_per_call
@@ -157,7 +172,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
   previous_handler = signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal=signum))
   logger = Logger(workdir, t.num_steps, start, t.progress_bar)
   logger.info(f'training {config.model.name} on {config.data.dataset}: {_param_count(state.params):,} parameters, '
-              f'{n_dev} device(s), steps {start} -> {t.num_steps}')
+              f'mesh {dict(mesh.shape)}, steps {start} -> {t.num_steps}')
 
   def check_finite():
     bad = int(state.bad_step)
@@ -175,7 +190,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
       if step < t.num_steps:
         device_batch = next_device_batch()  # host work overlaps the device step
       logger.advance(k)
-      done = step >= t.num_steps or stop['signal'] is not None
+      stopping = stop['signal'] is not None  # read once: a signal arriving later is seen next iteration
+      done = step >= t.num_steps or stopping
       if step % t.log_every == 0 or done:
         values = jax.device_get(pending)
         pending = []
@@ -188,7 +204,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
         path = os.path.join(workdir, 'samples', f'step_{step:08d}.png')
         snapshot(state, path)
         logger.info(f'step {step}: sample grid {path}')
-      if stop['signal'] is not None:
+      if stopping:
         logger.info(f'SIGTERM received: checkpoint saved at step {step}, exiting')
         break
   finally:
