@@ -59,6 +59,7 @@ def get_config() -> config_dict.ConfigDict:
   c.model.num_groups = 32  # GroupNorm groups
   c.model.num_classes = 0  # > 0: class-conditional (label num_classes is the null label for guidance)
   c.model.dtype = 'float32'  # compute dtype: float32 | bfloat16 (parameters stay float32)
+  c.model.remat = False  # recompute residual-block activations in the backward pass (less memory)
 
   # ---------------------------------------------------------------- parallelism (train/sharding.py)
   c.parallel = config_dict.ConfigDict()

@@ -36,6 +36,7 @@ class UNetConfig:
   num_groups: int = 32
   num_classes: int = 0  # > 0: class embedding with num_classes + 1 entries (the last is the null label)
   dtype: str = 'float32'  # compute dtype; parameters are float32
+  remat: bool = False  # training: recompute each residual block's activations in the backward pass
 
 
 class UNet(nnx.Module):
@@ -121,7 +122,10 @@ class UNet(nnx.Module):
   def _run(self, block, h: Array, temb: Array, train: bool, rngs) -> Array:
     for layer in block:
       if isinstance(layer, layers.ResBlock):
-        h = layer(h, temb, train=train, rngs=rngs)
+        if self.cfg.remat and train:  # activation checkpointing: memory of one block instead of all
+          h = nnx.remat(lambda m, h, temb, rngs: m(h, temb, train=True, rngs=rngs))(layer, h, temb, rngs)
+        else:
+          h = layer(h, temb, train=train, rngs=rngs)
       else:
         h = layer(h)
     return h

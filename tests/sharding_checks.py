@@ -34,6 +34,14 @@ def batches(n):
           for _ in range(n)]
 
 
+def put_batch(batch, mesh):
+  """The global batch on the mesh; with several processes each contributes its own rows, as the trainer."""
+  n, i = jax.process_count(), jax.process_index()
+  rows = B // n
+  local = {k: v[:, i * rows:(i + 1) * rows] for k, v in batch.items()}
+  return {k: jax.make_array_from_process_local_data(sharding.batch_sharding(mesh, 1), v) for k, v in local.items()}
+
+
 def train(config, mesh, state=None, data=None, steps=3):
   """`steps` steps on mesh from a fresh (or given) state: (state, losses)."""
   graphdef, fresh, tx, schedule = trainer.init_state(config)
@@ -48,7 +56,7 @@ def train(config, mesh, state=None, data=None, steps=3):
                out_shardings=(shard, sharding.replicated(mesh)))
   losses = []
   for batch in (data or batches(steps)):
-    state, metrics = fn(state, jax.device_put(batch, sharding.batch_sharding(mesh, 1)))
+    state, metrics = fn(state, put_batch(batch, mesh))
     losses.append(float(metrics['loss'][0]))
   return state, losses
 
@@ -134,9 +142,32 @@ def check_grad_accum():
   print('gradient accumulation over 2 and 4 micro-batches equals the full batch')
 
 
+def check_multihost(process_id: int, port: str, out: str):
+  """One of two processes on localhost: 3 data-parallel steps over both, parameters saved by process 0."""
+  jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+  jax.distributed.initialize(coordinator_address=f'localhost:{port}', num_processes=2, process_id=process_id)
+  assert jax.process_count() == 2 and jax.device_count() == 2
+  state, losses = train(tiny_config(), sharding.make_mesh((-1, 1)))
+  params = jax.tree.map(lambda x: np.asarray(jax.experimental.multihost_utils.process_allgather(x, tiled=True)),
+                        state.params)
+  if jax.process_index() == 0:
+    np.savez(out, losses=np.asarray(losses), *jax.tree.leaves(params))
+  jax.distributed.shutdown()
+
+
+def check_single_reference(out: str):
+  state, losses = train(tiny_config(), sharding.make_mesh((1, 1), devices=jax.devices()[:1]))
+  np.savez(out, losses=np.asarray(losses), *[np.asarray(x) for x in jax.tree.leaves(state.params)])
+
+
 if __name__ == '__main__':
   check = sys.argv[1]
-  if check == 'checkpoint':
+  if check == 'multihost':
+    import jax.experimental.multihost_utils  # noqa: F401
+    check_multihost(int(sys.argv[2]), sys.argv[3], sys.argv[4])
+  elif check == 'reference':
+    check_single_reference(sys.argv[2])
+  elif check == 'checkpoint':
     check_checkpoint_across_meshes(sys.argv[2])
   else:
     {'parallel': check_data_parallel_and_fsdp, 'sampling': check_sampling, 'grad_accum': check_grad_accum}[check]()

@@ -1,6 +1,7 @@
 """DDPM ancestral and DDIM against the exact-score test bed, and the timestep grids."""
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -181,7 +182,7 @@ def _nested_whiles(jaxpr, depth=0) -> int:
     inner = depth + is_loop
     if is_loop and depth > 0:
       count += 1
-    for sub in jax.core.jaxprs_in_params(eqn.params):
+    for sub in jax.extend.core.jaxprs_in_params(eqn.params):
       count += _nested_whiles(sub, inner)
   return count
 

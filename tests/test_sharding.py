@@ -30,6 +30,31 @@ def test_checkpoint_restores_onto_other_meshes(tmp_path):
   assert out.count('restored on') == 3
 
 
+def test_two_processes_match_one(tmp_path):
+  """Two processes on localhost (jax.distributed, gloo CPU collectives), one device each, each feeding its
+  half of the batch: 3 steps give the single-process parameters."""
+  import socket
+  import numpy as np
+  with socket.socket() as s:
+    s.bind(('localhost', 0))
+    port = str(s.getsockname()[1])
+  e = env()
+  workers = [subprocess.Popen([sys.executable, SCRIPT, 'multihost', str(i), port, str(tmp_path / 'multi.npz')],
+                              cwd=ROOT, env=e, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i in range(2)]
+  ref = subprocess.run([sys.executable, SCRIPT, 'reference', str(tmp_path / 'one.npz')], cwd=ROOT, env=e,
+                       capture_output=True, text=True, timeout=900)
+  assert ref.returncode == 0, ref.stderr[-3000:]
+  for w in workers:
+    _, err = w.communicate(timeout=900)
+    assert w.returncode == 0, err[-3000:]
+  multi, one = np.load(tmp_path / 'multi.npz'), np.load(tmp_path / 'one.npz')
+  assert sorted(multi.files) == sorted(one.files)
+  np.testing.assert_allclose(multi['losses'], one['losses'], rtol=1e-5)
+  for k in one.files:
+    np.testing.assert_allclose(multi[k], one[k], rtol=1e-4, atol=1e-5)
+
+
 def test_mesh_shapes_and_rules():
   from jax.sharding import PartitionSpec as P
   from train import sharding

@@ -1,6 +1,7 @@
 """The DDPM++ / NCSN++ U-Net: parameter count of the DDPM configuration, shapes, dtypes, attention."""
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -95,3 +96,39 @@ def test_registry_rejects_unknown_names_and_options():
     build_model('ddpmpp', {'nff': 3}, rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match='not divisible'):
     UNet(UNetConfig(image_size=28, ch_mult=(1, 2, 2, 2)), rngs=nnx.Rngs(0))
+
+
+def _primitives(jaxpr) -> set[str]:
+  names = set()
+  for eqn in jaxpr.eqns:
+    names.add(eqn.primitive.name)
+    for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+      names |= _primitives(sub)
+  return names
+
+
+def test_remat_gives_the_same_loss_and_gradients():
+  """Activation checkpointing changes memory, not values (dropout on: the same masks are recomputed)."""
+  def loss_and_grads(remat):
+    cfg = UNetConfig(image_size=16, in_channels=1, nf=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,),
+                     num_groups=2, dropout=0.3, remat=remat)
+    model = UNet(cfg, rngs=nnx.Rngs(0))
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    x = jax.random.normal(jax.random.key(1), (2, 16, 16, 1))
+    t = jnp.array([3.0, 500.0])
+
+    def loss(params):
+      m = nnx.merge(graphdef, params, rest)
+      return jnp.mean(m(x, t, train=True, rngs=nnx.Rngs(dropout=7)) ** 2 + x)
+
+    # conv_out starts at zero: perturb it so the gradient reaches every block
+    params = jax.tree.map(lambda p: p + 0.01, params)
+    recomputes = bool({'remat2', 'checkpoint'} & _primitives(jax.make_jaxpr(loss)(params).jaxpr))
+    assert recomputes == remat
+    return jax.jit(jax.value_and_grad(loss))(params)
+
+  (l0, g0), (l1, g1) = loss_and_grads(False), loss_and_grads(True)
+  np.testing.assert_allclose(l1, l0, rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1), strict=True):
+    np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-7)
+  assert any(float(jnp.abs(a).max()) > 0 for a in jax.tree.leaves(g0))
