@@ -36,6 +36,14 @@ def make_generate_fn(graphdef: nnx.GraphDef, process: Process, *, prediction: st
   return jax.jit(generate, out_shardings=(sharding.batch_sharding(mesh), sharding.replicated(mesh)))
 
 
+def to_host(x: jax.Array) -> np.ndarray:
+  """A (possibly sharded) global array as numpy on every host, in order."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(x)
+
+
 def generate_images(generate_fn: Callable, params, buffers, rng: jax.Array, num_samples: int, batch_size: int,
                     num_classes: int = 0, class_label: int | None = None,
                     first_index: int = 0) -> tuple[np.ndarray, np.ndarray, int]:
@@ -54,6 +62,6 @@ def generate_images(generate_fn: Callable, params, buffers, rng: jax.Array, num_
     else:
       labels = None
     x, nfe = generate_fn(params, buffers, jax.random.fold_in(rng, i), labels)
-    images.append(np.asarray(x))
+    images.append(to_host(x))
     all_labels.append(np.asarray(labels) if labels is not None else np.full(batch_size, -1, np.int32))
   return np.concatenate(images)[:num_samples], np.concatenate(all_labels)[:num_samples], int(nfe)
