@@ -7,6 +7,7 @@ TensorBoard scalars under <workdir>/tb.
 """
 
 import copy
+import hashlib
 import json
 import os
 import time
@@ -39,7 +40,8 @@ def reference_paths(config: ml_collections.ConfigDict) -> tuple[str, str]:
   split = e.ref_split or d.eval_split
   name = f'{d.dataset}_{split}_{d.image_size}px_{d.num_channels}ch_n{e.ref_max_images}'
   if d.dataset == 'folder':  # a folder is identified by its path
-    name = f'folder_{abs(hash(os.path.abspath(d.data_dir or ""))) % 10**8}_{name[len("folder_"):]}'
+    digest = hashlib.sha1(os.path.abspath(d.data_dir or '').encode()).hexdigest()[:10]
+    name = f'folder_{digest}_{name[len("folder_"):]}'
   base = os.path.join(_cache_dir(config), 'fid_stats', name)
   return base + '.npz', base + '_features.npz'
 
