@@ -6,6 +6,7 @@ scaled to [0, 1] on the device; every call is padded to one batch size so the ne
 
 from typing import Iterator
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
@@ -25,7 +26,7 @@ class FeatureExtractor:
     self.has_logits = self.model.fc is not None
     blocks = ('pool3', 'logits') if self.has_logits else ('pool3',)
     run = inception.make_blocks_fn(self.model, blocks)
-    self._fn = lambda u8: run(u8.astype(jnp.float32) / 255.0)
+    self._fn = jax.jit(lambda u8: run(u8.astype(jnp.float32) / 255.0))  # scaling fused into the program
 
   def __call__(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
     images = np.asarray(images)
