@@ -42,7 +42,7 @@ def get_config() -> config_dict.ConfigDict:
 
   # ---------------------------------------------------------------- model
   c.model = config_dict.ConfigDict()
-  c.model.name = 'ddpmpp'  # DDPM++ / NCSN++ family U-Net (models/unet.py)
+  c.model.name = 'ddpmpp'  # ddpmpp: the DDPM++ / NCSN++ U-Net (models/unet.py); vae: a KL autoencoder (models/vae.py)
   c.model.prediction = 'eps'  # what the network outputs: eps | x0 | v | score | edm (preconditioned)
   c.model.sigma_data = 0.5  # EDM preconditioning and loss weighting
   c.model.nf = 128
@@ -60,6 +60,26 @@ def get_config() -> config_dict.ConfigDict:
   c.model.num_classes = 0  # > 0: class-conditional (label num_classes is the null label for guidance)
   c.model.dtype = 'float32'  # compute dtype: float32 | bfloat16 (parameters stay float32)
   c.model.remat = False  # recompute residual-block activations in the backward pass (less memory)
+  # vae: levels of nf * ch_mult channels (f = 2^(len(ch_mult) - 1)), num_res_blocks per level, num_groups, dropout
+  c.model.z_channels = 4  # vae: latent channels
+
+  # ---------------------------------------------------------------- autoencoder training (model.name = 'vae')
+  c.autoencoder = config_dict.ConfigDict()
+  c.autoencoder.recon_loss = 'l1'  # l1 | l2, summed over pixels, averaged over the batch (as LDM)
+  c.autoencoder.kl_weight = 1e-6  # beta of the KL(q(z|x) || N(0, I)) term, summed over latent dimensions
+  c.autoencoder.disc_start = -1  # step from which the patch-GAN loss is on; < 0: no discriminator
+  c.autoencoder.disc_weight = 0.5  # times the adaptive weight |grad rec| / |grad adv| at the last layer (LDM)
+  c.autoencoder.disc_layers = 3  # strided conv layers of the patch discriminator
+  c.autoencoder.disc_nf = 64
+  c.autoencoder.scale_images = 2048  # training images whose latents set the scale factor 1 / std(z)
+
+  # ---------------------------------------------------------------- latent diffusion
+  c.latent = config_dict.ConfigDict()
+  c.latent.vae = placeholder(str)  # a trained VAE's workdir, or a diffusers AutoencoderKL folder (SD's vae/);
+  #                                  set: the diffusion model runs on its latents and samples are decoded
+  c.latent.scale_factor = placeholder(float)  # None: the scale factor stored with the VAE
+  c.latent.cache = False  # encode the training split once to disk (posterior moments) instead of every step
+  c.latent.cache_dir = placeholder(str)  # None: <workdir>/latents
 
   # ---------------------------------------------------------------- parallelism (train/sharding.py)
   c.parallel = config_dict.ConfigDict()

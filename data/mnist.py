@@ -9,6 +9,7 @@ import functools
 import gzip
 import importlib.util
 import os
+import re
 
 import numpy as np
 
@@ -64,8 +65,16 @@ def load_mnist(split: str) -> tuple[np.ndarray, np.ndarray]:
   """MNIST images uint8 [N, 28, 28, 1] and labels int32 [N] (read-only, cached).
 
   Splits: 'train' (50k), 'validation' (10k), 'test' (10k), 'train+validation' (60k, the
-  usual "MNIST train set").
+  usual "MNIST train set"); a slice as in tfds, e.g. 'test[:500]' or 'train[1000:2000]'.
   """
+  sliced = re.fullmatch(r'(.+)\[(-?\d*):(-?\d*)\]', split)
+  if sliced:
+    name, lo, hi = sliced.groups()
+    images, labels = load_mnist(name)
+    part = slice(int(lo) if lo else None, int(hi) if hi else None)
+    if len(images[part]) == 0:
+      raise DataError(f'MNIST split {split!r} is empty')
+    return images[part], labels[part]
   if split not in SPLITS:
     raise DataError(f'unknown MNIST split {split!r}; choose one of {", ".join(SPLITS)}')
   splits = _load_file()

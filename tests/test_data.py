@@ -42,6 +42,19 @@ def test_mnist_train_validation_is_concatenation():
   assert load_mnist('test')[0] is load_mnist('test')[0]  # cached
 
 
+def test_mnist_split_slices():
+  x, y = load_mnist('test')
+  xs, ys = load_mnist('test[100:356]')
+  np.testing.assert_array_equal(xs, x[100:356])
+  np.testing.assert_array_equal(ys, y[100:356])
+  assert len(load_mnist('train+validation[:500]')[0]) == 500
+  np.testing.assert_array_equal(load_mnist('test[-3:]')[1], y[-3:])
+  with pytest.raises(DataError, match='empty'):
+    load_mnist('test[20000:]')
+  with pytest.raises(DataError, match='unknown MNIST split'):
+    load_mnist('tset[:10]')
+
+
 def test_mnist_test_split_is_the_standard_one():
   # The standard MNIST test set has these class counts.
   np.testing.assert_array_equal(

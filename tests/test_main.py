@@ -10,7 +10,8 @@ CONFIGS = [
     'configs/mnist/ddpm_linear.py', 'configs/mnist/ddpm_cosine.py', 'configs/mnist/ddpmpp_vp.py',
     'configs/mnist/ddpmpp_subvp.py', 'configs/mnist/ncsnpp_ve.py', 'configs/mnist/edm.py',
     'configs/cifar10/ddpm.py', 'configs/cifar10/ddpmpp_vp_continuous.py',
-    'configs/cifar10/ncsnpp_ve_continuous.py',
+    'configs/cifar10/ncsnpp_ve_continuous.py', 'configs/mnist/vae_f4.py', 'configs/cifar10/vae_f4.py',
+    'configs/mnist/ldm_vp.py',
 ]
 
 
@@ -67,7 +68,7 @@ def test_missing_workdir():
 
 
 @pytest.mark.parametrize('path', CONFIGS)
-def test_every_variant_builds(path):
+def test_every_variant_builds(path, tmp_path):
   """Each variant loads, declares only known keys, and builds its process, model and sampler."""
   import jax
   from flax import nnx
@@ -78,11 +79,22 @@ def test_every_variant_builds(path):
   spec.loader.exec_module(module)
   config = module.get_config()
   from train import trainer
+  if config.latent.vae:  # latent diffusion: a randomly initialized f=4 VAE stands in for the trained one
+    from models import vae, vae_weights
+    cfg = vae.VAEConfig(in_channels=config.data.num_channels, block_out_channels=(8, 8, 8), layers_per_block=1,
+                        norm_num_groups=4)
+    model = vae.AutoencoderKL(cfg, rngs=nnx.Rngs(0))
+    config.latent.vae = vae_weights.save(str(tmp_path / 'vae'), cfg, nnx.state(model, nnx.Param), 1.0)
+  codec = trainer.build_codec(config)
   process = trainer.build_process(config)
-  model = nnx.eval_shape(lambda: trainer.build_model(config, jax.random.key(0)))
+  model = nnx.eval_shape(lambda: trainer.build_model(config, jax.random.key(0), codec))
   settings, _ = trainer.build_sampler(config)
   assert process.T > 0 and settings.num_steps > 0
   assert sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param))) > 0
+  if codec is not None:
+    assert model.cfg.image_size == 8 and model.cfg.in_channels == 4 and settings.clip_range is None
+  if path.endswith('vae_f4.py'):
+    assert model.vae.cfg.factor == 4
   if path.endswith('cifar10/ddpm.py'):
     assert config.optim.lr == 2e-4 and config.optim.warmup_steps == 5000 and config.optim.grad_clip == 1.0
     assert config.training.ema_decay == 0.9999 and config.training.batch_size == 128

@@ -22,7 +22,8 @@ from tqdm import tqdm
 from data import pipeline
 from diffusion.parameterization import make_model_fn
 from eval import fid, inception_weights, likelihood, metrics
-from train import checkpoint, generate, trainer
+from models import vae
+from train import autoencoder, checkpoint, generate, trainer
 
 
 def _cache_dir(config: ml_collections.ConfigDict) -> str:
@@ -148,9 +149,14 @@ def _write_table(eval_dir: str, step: int, rows: list[dict]) -> None:
 
 def evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
   """--mode=eval: every selected checkpoint x sampler -> metrics JSON; skips pairs already evaluated."""
-  e, d, s = config.eval, config.data, config.sample
+  e = config.eval
   eval_dir = os.path.join(workdir, 'eval')
   os.makedirs(eval_dir, exist_ok=True)
+  if trainer.is_autoencoder(config):
+    return evaluate_autoencoder(config, workdir)
+  if e.bpd and config.latent.vae:
+    raise ValueError('eval.bpd is the likelihood of pixels; a latent diffusion model has none of its own '
+                     '(set eval.bpd=False)')
   plan = _parse_samplers(config)
   for name, _ in plan:
     trainer.build_sampler(_with_sampler(config, name, 2))  # an unknown sampler fails before any work
@@ -171,7 +177,8 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
       ref_feats = f['features']
 
   process = trainer.build_process(config)
-  graphdef, state_like, _, _ = trainer.init_state(config)
+  codec = trainer.build_codec(config)
+  graphdef, state_like, _, _ = trainer.init_state(config, codec)
   writer = SummaryWriter(os.path.join(workdir, 'tb')) if jax.process_index() == 0 else None
   results = []
   for step in steps:
@@ -186,14 +193,8 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
         continue
       if state is None:
         state = ckpt.restore(state_like, step)
-      c = _with_sampler(config, name, num_steps)
-      settings, sample_fn = trainer.build_sampler(c)
-      shape = (e.batch_size, d.image_size, d.image_size, d.num_channels)
-      gen = generate.make_generate_fn(graphdef, process, prediction=config.model.prediction,
-                                      sigma_data=config.model.sigma_data, sample_fn=sample_fn, settings=settings,
-                                      shape=shape, centered=d.centered, guidance_scale=s.guidance_scale,
-                                      null_label=config.model.num_classes,
-                                      mesh=trainer.sampling_mesh(config, e.batch_size))
+      gen = trainer.make_generate_fn(_with_sampler(config, name, num_steps), graphdef, process, codec,
+                                     e.batch_size)
       rng = jax.random.fold_in(jax.random.key(config.seed), 3)
       t0 = time.perf_counter()
       feats, logits, nfe = _generated_features(gen, state, rng, extractor, config, desc=f'step {step} {label}')
@@ -220,8 +221,74 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
   return results
 
 
+def evaluate_autoencoder(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
+  """--mode=eval of a VAE: per checkpoint, PSNR of EMA reconstructions (posterior mean) of the first
+  eval.num_samples evaluation images, the std of their scaled latents (~1 with the stored scale factor), and
+  with 'fid' / 'kid' in eval.metrics the reconstructions' FID / KID against the reference statistics."""
+  e, d = config.eval, config.data
+  eval_dir = os.path.join(workdir, 'eval')
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'))
+  steps = _select_steps(ckpt.all_steps(), e.checkpoints)
+  graphdef, state_like, _, _ = trainer.init_state(config)
+  reconstruct = autoencoder.make_reconstruct_fn(graphdef, d.centered)
+  source = trainer.build_source(config, d.eval_split)
+  n = min(len(source), e.num_samples)
+  wanted = set(e.metrics) & {'fid', 'kid'}
+  extractor = _extractor(config) if wanted else None
+  if wanted:
+    paths = fid_stats(config, extractor)
+    ref_mu, ref_sigma = metrics.load_stats(paths['stats'])
+    with np.load(paths['features'], allow_pickle=False) as f:
+      ref_feats = f['features']
+  results = []
+  for step in steps:
+    path = os.path.join(eval_dir, f'step{step:08d}_reconstruction.json')
+    if os.path.exists(path):
+      with open(path) as f:
+        results.append(json.load(f))
+      continue
+    state = ckpt.restore(state_like, step)
+    t0 = time.perf_counter()
+    psnrs, feats, total, total_sq, count = [], [], 0.0, 0.0, 0
+    scale = state.buffers['vae']['scaling_factor'].value
+    batches = pipeline.iterate_once(source, e.batch_size)
+    for i, batch in enumerate(tqdm(batches, total=-(-n // e.batch_size), desc=f'step {step} reconstructions')):
+      images = batch['image'][:n - len(psnrs)]
+      recons, z = reconstruct(state.ema_params, state.buffers, images, jax.random.fold_in(jax.random.key(0), i))
+      recons, z = np.asarray(recons), np.asarray(z, np.float64) * float(scale)
+      psnrs.extend(np.asarray(vae.psnr(recons, images)).tolist())
+      total, total_sq, count = total + z.sum(), total_sq + np.square(z).sum(), count + z.size
+      if extractor is not None:
+        feats.append(extractor(recons)[0])
+      if len(psnrs) >= n:
+        break
+    mean_z = total / count
+    row = {'step': step, 'kind': 'reconstruction', 'num_images': n, 'psnr': float(np.mean(psnrs)),
+           'psnr_std': float(np.std(psnrs)), 'scale_factor': float(scale),
+           'latent_std': float(np.sqrt(total_sq / count - mean_z ** 2)), 'latent_mean': float(mean_z)}
+    if feats:
+      feats = np.concatenate(feats)
+      if 'fid' in wanted:
+        row['fid'] = metrics.frechet_distance(*metrics.mu_sigma(feats), ref_mu, ref_sigma)
+      if 'kid' in wanted:
+        row['kid'], row['kid_std'] = metrics.kid(feats, ref_feats)
+    row['seconds'] = round(time.perf_counter() - t0, 1)
+    os.makedirs(eval_dir, exist_ok=True)
+    with open(path + '.tmp', 'w') as f:
+      json.dump(row, f, indent=1)
+    os.replace(path + '.tmp', path)
+    results.append(row)
+  ckpt.close()
+  return results
+
+
 def describe(row: dict) -> str:
-  """One line per evaluated (checkpoint, sampler)."""
+  """One line per evaluated (checkpoint, sampler), or per checkpoint of an autoencoder."""
+  if row.get('kind') == 'reconstruction':
+    scores = ', '.join(f'{k} {row[k]:.4g}' for k in ('fid', 'kid') if k in row)
+    return (f"step {row['step']} reconstructions of {row['num_images']} images: PSNR {row['psnr']:.2f} dB, "
+            f"scaled latent std {row['latent_std']:.3f} (scale factor {row['scale_factor']:.4g})"
+            + (f', {scores}' if scores else ''))
   scores = ', '.join(f'{k} {row[k]:.4g}' for k in ('fid', 'kid', 'is', 'precision', 'recall', 'bpd') if k in row)
   return (f"step {row['step']} {row['sampler']} {row['num_steps']} steps ({row['nfe']} NFE), "
           f"{row['num_samples']} samples: {scores}")

@@ -12,28 +12,36 @@ from diffusion.parameterization import make_model_fn
 from diffusion.processes import Process
 from samplers.guidance import classifier_free_guidance
 from train import sharding
+from train.latent import LatentCodec
 
 
 def make_generate_fn(graphdef: nnx.GraphDef, process: Process, *, prediction: str, sigma_data: float,
                      sample_fn: Callable, settings: Any, shape: tuple[int, ...], centered: bool,
-                     guidance_scale: float = 1.0, null_label: int = 0, mesh=None) -> Callable:
+                     guidance_scale: float = 1.0, null_label: int = 0, mesh=None,
+                     codec: LatentCodec | None = None) -> Callable:
   """A jitted fn(params, buffers, rng, labels | None) -> (uint8 images [B, H, W, C], nfe).
 
-  With labels and guidance_scale != 1, classifier-free guidance against `null_label` (NFE counts network
+  `shape` is what the model sees; with a codec (latent diffusion) the sampled latents are decoded by its frozen
+  VAE. With labels and guidance_scale != 1, classifier-free guidance against `null_label` (NFE counts network
   evaluations of the batch; a guided one evaluates it twice). With a mesh, the batch is split over its
   data-like axes (the samples are the same as on one device: the noise is drawn for the global batch).
   """
 
-  def generate(params, buffers, rng, labels):
+  def generate(params, buffers, rng, labels, frozen):
     model = nnx.merge(graphdef, params, buffers)
     model_fn = make_model_fn(lambda x, c, y: model(x, c, y), process, prediction, sigma_data)
     model_fn = classifier_free_guidance(model_fn, guidance_scale, jnp.int32(null_label))
     x, nfe = sample_fn(rng, model_fn, process, shape, settings, labels)
+    if codec is not None:
+      x = codec.decode(frozen, x)
     return scaler.to_uint8(x, centered=centered), nfe
 
   if mesh is None:
-    return jax.jit(generate)
-  return jax.jit(generate, out_shardings=(sharding.batch_sharding(mesh), sharding.replicated(mesh)))
+    jitted = jax.jit(generate)
+  else:
+    jitted = jax.jit(generate, out_shardings=(sharding.batch_sharding(mesh), sharding.replicated(mesh)))
+  frozen = codec.frozen if codec is not None else None
+  return lambda params, buffers, rng, labels: jitted(params, buffers, rng, labels, frozen)
 
 
 def to_host(x: jax.Array) -> np.ndarray:

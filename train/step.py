@@ -5,7 +5,7 @@ does, however many steps run per jitted call.
 """
 
 import dataclasses
-from typing import Callable
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -16,9 +16,10 @@ from data import scaler
 from diffusion import losses
 from diffusion.parameterization import make_model_fn
 from diffusion.processes import Process
+from train.latent import LatentCodec
 from train.state import TrainState
 
-Batch = dict[str, jax.Array]  # {'image': uint8 [B, H, W, C], 'label': int32 [B]}
+Batch = dict[str, jax.Array]  # {'image': uint8 [B, H, W, C] (or cached latent moments), 'label': int32 [B]}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,21 +33,45 @@ class StepSettings:
   num_classes: int = 0  # > 0: feed labels, replaced by the null label with probability label_dropout
   label_dropout: float = 0.0
   grad_accum: int = 1  # micro-batches per step: the gradient of the whole batch, 1/grad_accum the activations
+  cached_latents: bool = False  # latent diffusion: batches hold posterior moments instead of images
+
+
+def apply_gradients(state: TrainState, loss: jax.Array, grads, tx: optax.GradientTransformation,
+                    ema_decay: float) -> tuple[TrainState, jax.Array]:
+  """The optimizer update, the EMA and the divergence flag shared by every step; returns (state, grad norm)."""
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  ema = jax.tree.map(lambda e, p: ema_decay * e + (1 - ema_decay) * p, state.ema_params, params)
+  grad_norm = optax.global_norm(grads)
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  bad_step = jnp.where((state.bad_step < 0) & ~finite, state.step, state.bad_step)
+  new = state.replace(step=state.step + 1, params=params, ema_params=ema, opt_state=opt_state, bad_step=bad_step)
+  return new, grad_norm
 
 
 def make_train_step(graphdef: nnx.GraphDef, process: Process, tx: optax.GradientTransformation,
-                    schedule: optax.Schedule, settings: StepSettings,
-                    rng: jax.Array) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
-  """One optimizer step on one batch (with settings.grad_accum > 1, over that many micro-batches; dropout
-  masks then differ from the full-batch step's, everything else is the same)."""
+                    schedule: optax.Schedule, settings: StepSettings, rng: jax.Array,
+                    codec: LatentCodec | None = None) -> Callable[[TrainState, Batch, Any], tuple[TrainState, dict]]:
+  """fn(state, batch, frozen): one optimizer step on one batch (with settings.grad_accum > 1, over that many
+  micro-batches; dropout masks then differ from the full-batch step's, everything else is the same).
 
-  def draw(batch, key):
+  With a codec (latent diffusion) x0 is a posterior sample of the frozen VAE's latents of the batch, and
+  `frozen` is the VAE's (params, buffers); otherwise frozen is None.
+  """
+
+  def draw(batch, key, frozen):
     """Everything random about the batch, drawn for the whole batch at once (so micro-batching changes
     nothing): model-space x0, labels after dropout, loss times and noise, and the dropout key."""
     k_data, k_flip, k_label, k_drop, k_loss = jax.random.split(key, 5)
-    x0 = scaler.to_model(batch['image'], centered=settings.centered, dequantize=settings.dequantize, rng=k_data)
-    if settings.random_flip:
-      x0 = scaler.random_flip(x0, k_flip)
+    k_latent = jax.random.fold_in(key, 5)
+    if settings.cached_latents:
+      x0 = codec.sample(frozen, batch['image'], k_latent)
+    else:
+      x0 = scaler.to_model(batch['image'], centered=settings.centered, dequantize=settings.dequantize, rng=k_data)
+      if settings.random_flip:
+        x0 = scaler.random_flip(x0, k_flip)
+      if codec is not None:
+        x0 = codec.sample(frozen, codec.moments(frozen, x0), k_latent)
     labels = None
     if settings.num_classes > 0:
       drop = jax.random.bernoulli(k_label, settings.label_dropout, batch['label'].shape)
@@ -62,8 +87,8 @@ def make_train_step(graphdef: nnx.GraphDef, process: Process, tx: optax.Gradient
                                        cond=drawn['labels'])
     return loss
 
-  def loss_and_grads(params, buffers, batch, key):
-    drawn, k_drop = draw(batch, key)
+  def loss_and_grads(params, buffers, batch, key, frozen):
+    drawn, k_drop = draw(batch, key, frozen)
     a = settings.grad_accum
     if a == 1:
       return jax.value_and_grad(loss_fn)(params, buffers, drawn, k_drop)
@@ -81,32 +106,24 @@ def make_train_step(graphdef: nnx.GraphDef, process: Process, tx: optax.Gradient
     total, _ = jax.lax.scan(accumulate, zeros, (jnp.arange(a), micro))
     return jax.tree.map(lambda v: v / a, total)  # equal micro-batches: the mean of means is the batch mean
 
-  def step(state: TrainState, batch: Batch):
+  def step(state: TrainState, batch: Batch, frozen=None):
     key = jax.random.fold_in(rng, state.step)
-    loss, grads = loss_and_grads(state.params, state.buffers, batch, key)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    d = settings.ema_decay
-    ema = jax.tree.map(lambda e, p: d * e + (1 - d) * p, state.ema_params, params)
-    grad_norm = optax.global_norm(grads)
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    bad_step = jnp.where((state.bad_step < 0) & ~finite, state.step, state.bad_step)
-    new = state.replace(step=state.step + 1, params=params, ema_params=ema, opt_state=opt_state,
-                        bad_step=bad_step)
+    loss, grads = loss_and_grads(state.params, state.buffers, batch, key, frozen)
+    new, grad_norm = apply_gradients(state, loss, grads, tx, settings.ema_decay)
     return new, {'loss': loss, 'grad_norm': grad_norm, 'lr': jnp.asarray(schedule(state.step), jnp.float32)}
 
   return step
 
 
 def multi_step(step: Callable, steps_per_call: int) -> Callable:
-  """Runs step over a stack of batches [k, B, ...]; metrics come back as [k] arrays.
+  """fn(state, batches [k, B, ...], frozen): runs step over the stack; metrics come back as [k] arrays.
 
   k > 1 runs one lax.scan (fewer dispatches on accelerators); k = 1 calls the step directly, because
   XLA's CPU backend runs a training step inside a loop several times slower than outside one.
   """
   if steps_per_call == 1:
-    def single(state, batches):
-      state, metrics = step(state, jax.tree.map(lambda b: b[0], batches))
+    def single(state, batches, frozen=None):
+      state, metrics = step(state, jax.tree.map(lambda b: b[0], batches), frozen)
       return state, jax.tree.map(lambda m: m[None], metrics)
     return single
-  return lambda state, batches: jax.lax.scan(step, state, batches)
+  return lambda state, batches, frozen=None: jax.lax.scan(lambda s, b: step(s, b, frozen), state, batches)

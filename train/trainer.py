@@ -7,6 +7,7 @@ arguments of the modules it builds (`build_*`). Read it top to bottom: set-up, r
 import dataclasses
 import json
 import os
+import re
 import signal
 import time
 
@@ -22,7 +23,8 @@ import samplers
 from data import images as image_io
 from data import pipeline, scaler, sources
 from diffusion import losses, processes
-from train import checkpoint, generate, sharding, step as step_lib
+from models import vae
+from train import autoencoder, checkpoint, generate, latent, sharding, step as step_lib
 from train.logger import Logger
 from train.optimizer import make_optimizer
 from train.state import TrainState
@@ -40,11 +42,47 @@ def build_process(config: ml_collections.ConfigDict) -> processes.Process:
                                sigma_max=p.sigma_max, t_eps=p.t_eps)
 
 
-def build_model(config: ml_collections.ConfigDict, rng: jax.Array) -> nnx.Module:
+def is_autoencoder(config: ml_collections.ConfigDict) -> bool:
+  return config.model.name == 'vae'
+
+
+def build_vae_config(config: ml_collections.ConfigDict) -> vae.VAETrainerConfig:
+  m, a = config.model, config.autoencoder
+  cfg = vae.VAEConfig(in_channels=config.data.num_channels, block_out_channels=tuple(m.nf * k for k in m.ch_mult),
+                      layers_per_block=m.num_res_blocks, latent_channels=m.z_channels, norm_num_groups=m.num_groups,
+                      dropout=m.dropout, dtype=m.dtype)
+  return vae.VAETrainerConfig(vae=cfg, disc_nf=a.disc_nf, disc_layers=a.disc_layers if a.disc_start >= 0 else 0)
+
+
+def build_codec(config: ml_collections.ConfigDict) -> latent.LatentCodec | None:
+  """The frozen VAE of latent diffusion (latent.vae), or None for pixel-space diffusion."""
+  if not config.latent.vae:
+    return None
+  if is_autoencoder(config):
+    raise ValueError('latent.vae is set but model.name is vae: an autoencoder is trained on pixels')
+  codec = latent.LatentCodec.load(config.latent.vae, config.latent.scale_factor)
+  if codec.cfg.in_channels != config.data.num_channels:
+    raise ValueError(f'the VAE at {codec.source} encodes {codec.cfg.in_channels}-channel images but '
+                     f'data.num_channels={config.data.num_channels}')
+  return codec
+
+
+def model_input_shape(config: ml_collections.ConfigDict, codec: latent.LatentCodec | None) -> tuple[int, int, int]:
+  """[H, W, C] the diffusion model sees: pixels, or the codec's latents."""
+  d = config.data
+  return codec.latent_shape(d.image_size) if codec else (d.image_size, d.image_size, d.num_channels)
+
+
+def build_model(config: ml_collections.ConfigDict, rng: jax.Array, codec=None) -> nnx.Module:
   m = config.model
-  options = {k: m[k] for k in m.keys() if k not in ('name', 'prediction', 'sigma_data')}
-  options.update(image_size=config.data.image_size, in_channels=config.data.num_channels,
-                 ch_mult=tuple(m.ch_mult), attn_resolutions=tuple(m.attn_resolutions))
+  if is_autoencoder(config):
+    return vae.VAEWithDiscriminator(build_vae_config(config), rngs=nnx.Rngs(params=rng))
+  if config.latent.vae and codec is None:
+    raise ValueError('latent.vae is set: build the model with its codec (build_codec) for the latent shape')
+  size, _, channels = model_input_shape(config, codec)
+  options = {k: m[k] for k in m.keys() if k not in ('name', 'prediction', 'sigma_data', 'z_channels')}
+  options.update(image_size=size, in_channels=channels, ch_mult=tuple(m.ch_mult),
+                 attn_resolutions=tuple(m.attn_resolutions))
   return models.build_model(m.name, options, rngs=nnx.Rngs(params=rng))
 
 
@@ -55,10 +93,12 @@ def build_loss(config: ml_collections.ConfigDict) -> losses.LossSettings:
 
 
 def build_sampler(config: ml_collections.ConfigDict):
-  """(settings, sample_fn) from config.sample; x0 is clipped to the data range when sample.clip_x0."""
+  """(settings, sample_fn) from config.sample; x0 is clipped to the data range when sample.clip_x0 (never in
+  latent space)."""
   s = config.sample
   options = dict(s.items())
-  options['clip_range'] = scaler.data_range(config.data.centered) if s.clip_x0 else None
+  clip = s.clip_x0 and not config.latent.vae
+  options['clip_range'] = scaler.data_range(config.data.centered) if clip else None
   return samplers.get_sampler(s.sampler, **options)
 
 
@@ -73,14 +113,14 @@ def build_source(config: ml_collections.ConfigDict, split: str) -> sources.Image
                             data_dir=d.data_dir, resize=d.resize)
 
 
-def init_state(config: ml_collections.ConfigDict):
+def init_state(config: ml_collections.ConfigDict, codec: latent.LatentCodec | None = None):
   """(graphdef, fresh TrainState, optimizer, lr schedule)."""
   def init(rng):
-    _, params, buffers = nnx.split(build_model(config, rng), nnx.Param, ...)
+    _, params, buffers = nnx.split(build_model(config, rng, codec), nnx.Param, ...)
     return params, buffers
 
   rng_init = jax.random.fold_in(jax.random.key(config.seed), 0)
-  graphdef = nnx.graphdef(nnx.eval_shape(lambda: build_model(config, rng_init)))
+  graphdef = nnx.graphdef(nnx.eval_shape(lambda: build_model(config, rng_init, codec)))
   params, buffers = jax.jit(init)(rng_init)  # one compiled program instead of op-by-op initialization
   o = config.optim
   tx, schedule = make_optimizer(o.optimizer, lr=o.lr, beta1=o.beta1, beta2=o.beta2, eps=o.eps,
@@ -94,15 +134,21 @@ def sampling_mesh(config: ml_collections.ConfigDict, batch_size: int) -> Mesh | 
   return mesh if batch_size % sharding.batch_parallelism(mesh) == 0 and mesh.size > 1 else None
 
 
-def make_snapshot_fn(config: ml_collections.ConfigDict, graphdef, process):
-  """fn(state, path) writing a grid of EMA samples; returns the jitted generator for reuse."""
+def make_generate_fn(config: ml_collections.ConfigDict, graphdef, process, codec, batch_size: int):
+  """The generator of config.sample's sampler for batches of batch_size (decoding latents with the codec)."""
   settings, sample_fn = build_sampler(config)
   d, s = config.data, config.sample
-  shape = (s.batch_size, d.image_size, d.image_size, d.num_channels)
-  gen = generate.make_generate_fn(graphdef, process, prediction=config.model.prediction,
-                                  sigma_data=config.model.sigma_data, sample_fn=sample_fn, settings=settings,
-                                  shape=shape, centered=d.centered, guidance_scale=s.guidance_scale,
-                                  null_label=config.model.num_classes, mesh=sampling_mesh(config, s.batch_size))
+  return generate.make_generate_fn(graphdef, process, prediction=config.model.prediction,
+                                   sigma_data=config.model.sigma_data, sample_fn=sample_fn, settings=settings,
+                                   shape=(batch_size, *model_input_shape(config, codec)), centered=d.centered,
+                                   guidance_scale=s.guidance_scale, null_label=config.model.num_classes,
+                                   mesh=sampling_mesh(config, batch_size), codec=codec)
+
+
+def make_snapshot_fn(config: ml_collections.ConfigDict, graphdef, process, codec=None):
+  """fn(state, path) writing a grid of EMA samples; returns (images, labels, nfe)."""
+  s = config.sample
+  gen = make_generate_fn(config, graphdef, process, codec, s.batch_size)
   rng = jax.random.fold_in(jax.random.key(config.seed), 2)
 
   def snapshot(state: TrainState, path: str):
@@ -115,11 +161,44 @@ def make_snapshot_fn(config: ml_collections.ConfigDict, graphdef, process):
   return snapshot
 
 
+def make_reconstruction_snapshot(config: ml_collections.ConfigDict, graphdef):
+  """Autoencoders: fn(state, path) writing originals and EMA reconstructions of the first sample.num_samples
+  evaluation images (alternate rows) and returning their mean PSNR (dB)."""
+  source = build_source(config, config.data.eval_split)
+  n = min(config.sample.num_samples, len(source))
+  images = np.stack([source[i]['image'] for i in range(n)])
+  reconstruct = autoencoder.make_reconstruct_fn(graphdef, config.data.centered)
+
+  def snapshot(state: TrainState, path: str) -> float:
+    recons, _ = reconstruct(state.ema_params, state.buffers, images, jax.random.key(0))
+    recons = generate.to_host(recons)
+    if jax.process_index() == 0:
+      image_io.save_grid(path, autoencoder.reconstruction_grid(images, recons, ncol=8), ncol=8)
+    return float(np.mean(np.asarray(vae.psnr(recons, images))))
+
+  return snapshot, reconstruct
+
+
 def _check_intervals(t: ml_collections.ConfigDict) -> None:
   k = t.steps_per_call
   for name in ('log_every', 'snapshot_every', 'checkpoint_every'):
     if t[name] % k:
       raise ValueError(f'training.{name}={t[name]} is not a multiple of training.steps_per_call={k}')
+
+
+def _training_source(config: ml_collections.ConfigDict, codec: latent.LatentCodec | None, workdir: str):
+  """The training split, or with latent.cache its cached VAE posterior moments."""
+  source = build_source(config, config.data.split)  # fails early on missing data or a size mismatch
+  if codec is None or not config.latent.cache:
+    return source
+  if config.data.random_flip or config.data.uniform_dequantization:
+    raise ValueError('latent.cache stores the latents of the unaugmented images: it cannot be combined with '
+                     'data.random_flip or data.uniform_dequantization')
+  cache_dir = config.latent.cache_dir or os.path.join(workdir, 'latents')
+  d = config.data
+  name = re.sub(r'[^A-Za-z0-9+.-]+', '_', f'{d.dataset}_{d.split}_{d.image_size}px')
+  return latent.cache_moments(codec, source, centered=d.centered, batch_size=config.eval.batch_size,
+                              cache_dir=cache_dir, name=name)
 
 
 # ---------------------------------------------------------------------------- the loop
@@ -133,11 +212,12 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
     raise ValueError(f'training.batch_size={t.batch_size} is not divisible by the {n_batch}-way batch '
                      f'parallelism times training.grad_accum={t.grad_accum}')
   process = build_process(config)
-  source = build_source(config, config.data.split)  # fails early on missing data or a size mismatch
+  codec = build_codec(config)
+  source = _training_source(config, codec, workdir)
   if config.model.num_classes > 0 and source.num_classes == 0:
     raise ValueError(f'model.num_classes={config.model.num_classes} but {config.data.dataset} has no labels')
 
-  graphdef, state, tx, schedule = init_state(config)
+  graphdef, state, tx, schedule = init_state(config, codec)
   # The state lives on the mesh before a restore, so a checkpoint written on any other mesh is resharded
   # onto this one.
   state_sharding = sharding.state_shardings(state, mesh, config.parallel.fsdp_min_size)
@@ -147,16 +227,37 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
     state = ckpt.restore(state)
   start = int(state.step)
   batch_sharding = sharding.batch_sharding(mesh, leading=1)  # [k, B, ...]
-  settings = step_lib.StepSettings(
-      prediction=config.model.prediction, loss=build_loss(config), ema_decay=t.ema_decay,
-      centered=config.data.centered, dequantize=config.data.uniform_dequantization,
-      random_flip=config.data.random_flip, num_classes=config.model.num_classes, label_dropout=t.label_dropout,
-      grad_accum=t.grad_accum)
   rng_train = jax.random.fold_in(jax.random.key(config.seed), 1)
-  one_step = step_lib.make_train_step(graphdef, process, tx, schedule, settings, rng_train)
-  train_fn = jax.jit(step_lib.multi_step(one_step, t.steps_per_call), in_shardings=(state_sharding, batch_sharding),
+  d = config.data
+  if is_autoencoder(config):
+    a = config.autoencoder
+    settings = autoencoder.AutoencoderSettings(
+        recon_loss=a.recon_loss, kl_weight=a.kl_weight, disc_start=a.disc_start, disc_weight=a.disc_weight,
+        ema_decay=t.ema_decay, centered=d.centered, random_flip=d.random_flip)
+    one_step = autoencoder.make_autoencoder_step(graphdef, tx, schedule, settings, rng_train)
+    snapshot, reconstruct = make_reconstruction_snapshot(config, graphdef)
+  else:
+    settings = step_lib.StepSettings(
+        prediction=config.model.prediction, loss=build_loss(config), ema_decay=t.ema_decay, centered=d.centered,
+        dequantize=d.uniform_dequantization, random_flip=d.random_flip, num_classes=config.model.num_classes,
+        label_dropout=t.label_dropout, grad_accum=t.grad_accum, cached_latents=codec is not None and config.latent.cache)
+    one_step = step_lib.make_train_step(graphdef, process, tx, schedule, settings, rng_train, codec)
+    snapshot = make_snapshot_fn(config, graphdef, process, codec)
+  frozen = jax.device_put(codec.frozen, sharding.replicated(mesh)) if codec is not None else None
+  train_fn = jax.jit(step_lib.multi_step(one_step, t.steps_per_call),
+                     in_shardings=(state_sharding, batch_sharding, sharding.replicated(mesh)),
                      out_shardings=(state_sharding, sharding.replicated(mesh)), donate_argnums=0)
-  snapshot = make_snapshot_fn(config, graphdef, process)
+
+  def save_checkpoint(state: TrainState, step: int) -> TrainState:
+    if is_autoencoder(config):  # the latent scale factor travels with the weights, then the diffusers export
+      scale, _ = autoencoder.latent_scale(reconstruct, state.ema_params, state.buffers, source,
+                                          config.autoencoder.scale_images, config.eval.batch_size,
+                                          jax.random.fold_in(jax.random.key(config.seed), 5))
+      state = autoencoder.with_scale(state, scale, state_sharding.buffers)
+    ckpt.save(step, state)
+    if is_autoencoder(config) and jax.process_index() == 0:
+      autoencoder.export(os.path.join(workdir, 'vae'), build_vae_config(config), state)
+    return state
 
   k = t.steps_per_call
   batches = pipeline.make_batches(source, batch_size=t.batch_size // n_proc, seed=config.seed,
@@ -171,8 +272,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
   stop = {'signal': None}
   previous_handler = signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal=signum))
   logger = Logger(workdir, t.num_steps, start, t.progress_bar)
-  logger.info(f'training {config.model.name} on {config.data.dataset}: {_param_count(state.params):,} parameters, '
-              f'mesh {dict(mesh.shape)}, steps {start} -> {t.num_steps}')
+  where = f' latents of {codec.source} (scale {codec.scale:.4g})' if codec is not None else ''
+  logger.info(f'training {config.model.name} on {config.data.dataset}{where}: {_param_count(state.params):,} '
+              f'parameters, mesh {dict(mesh.shape)}, steps {start} -> {t.num_steps}')
 
   def check_finite():
     bad = int(state.bad_step)
@@ -184,7 +286,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
   try:
     device_batch = next_device_batch() if step < t.num_steps else None
     while step < t.num_steps:
-      state, metrics = train_fn(state, device_batch)
+      state, metrics = train_fn(state, device_batch, frozen)
       step += k
       pending.append(metrics)
       if step < t.num_steps:
@@ -199,11 +301,12 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
         logger.scalars(step, {name: float(np.mean([v[name] for v in values])) for name in values[0]})
       if step % t.checkpoint_every == 0 or done:
         check_finite()
-        ckpt.save(step, state)
+        state = save_checkpoint(state, step)
       if step % t.snapshot_every == 0 or step >= t.num_steps:
         path = os.path.join(workdir, 'samples', f'step_{step:08d}.png')
-        snapshot(state, path)
-        logger.info(f'step {step}: sample grid {path}')
+        out = snapshot(state, path)
+        extra = f' (reconstruction PSNR {out:.2f} dB)' if is_autoencoder(config) else ''
+        logger.info(f'step {step}: {"reconstructions" if extra else "sample grid"} {path}{extra}')
       if stopping:
         logger.info(f'SIGTERM received: checkpoint saved at step {step}, exiting')
         break
@@ -220,14 +323,18 @@ def _param_count(params) -> int:
 
 def sample(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """--mode=sample: EMA samples from a checkpoint as a PNG grid and an .npz of uint8 images and labels."""
+  if is_autoencoder(config):
+    raise ValueError('--mode=sample draws from diffusion models; an autoencoder (model.name=vae) is evaluated '
+                     'with --mode=eval (reconstruction PSNR / rFID)')
   process = build_process(config)
-  graphdef, state, _, _ = init_state(config)
+  codec = build_codec(config)
+  graphdef, state, _, _ = init_state(config, codec)
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'))
   state = ckpt.restore(state, config.sample.checkpoint_step)
   ckpt.close()
   step = int(state.step)
   s = config.sample
-  snapshot = make_snapshot_fn(config, graphdef, process)
+  snapshot = make_snapshot_fn(config, graphdef, process, codec)
   name = f'{s.sampler}_{s.num_steps}steps_step{step:08d}'
   png = os.path.join(workdir, 'samples', f'{name}.png')
   t0 = time.perf_counter()
