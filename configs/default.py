@@ -123,7 +123,7 @@ def get_config() -> config_dict.ConfigDict:
 
   # ---------------------------------------------------------------- sampling
   c.sample = config_dict.ConfigDict()
-  c.sample.sampler = 'ddim'  # ddpm | ddim | pc | ode | dpm_solver | heun
+  c.sample.sampler = 'ddim'  # ddpm | ddim | pc | ode | dpm_solver | unipc | heun
   c.sample.num_steps = 100  # time-grid points (NFE depends on the sampler)
   c.sample.eta = 0.0  # ddim: 0 deterministic, 1 DDPM posterior variance
   c.sample.predictor = 'reverse_diffusion'  # pc: euler_maruyama | reverse_diffusion | ancestral | none
@@ -134,8 +134,9 @@ def get_config() -> config_dict.ConfigDict:
   c.sample.rtol = 1e-5  # ode: dopri5 tolerances
   c.sample.atol = 1e-5
   c.sample.ode_max_steps = 4096
-  c.sample.order = 2  # dpm_solver: 1 | 2 | 3
-  c.sample.lower_order_final = True  # dpm_solver: lower orders on the last steps when num_steps < 15
+  c.sample.order = 2  # dpm_solver, unipc: 1 | 2 | 3
+  c.sample.lower_order_final = True  # dpm_solver: lower orders on the last steps when num_steps < 15; unipc: always
+  c.sample.unipc_variant = 'bh2'  # unipc: bh1 | bh2, B(h) = -h or e^-h - 1 (UniPC's two coefficient choices)
   c.sample.s_churn = 0.0  # heun: EDM stochasticity
   c.sample.s_min = 0.0
   c.sample.s_max = float('inf')

@@ -3,7 +3,7 @@
 import dataclasses
 from typing import Any, Callable
 
-from samplers import ancestral, ddim, dpm_solver, heun, ode, pc
+from samplers import ancestral, ddim, dpm_solver, heun, ode, pc, unipc
 
 SAMPLERS: dict[str, tuple[type, Callable]] = {
     'ddpm': (ancestral.AncestralSettings, ancestral.sample),
@@ -12,6 +12,7 @@ SAMPLERS: dict[str, tuple[type, Callable]] = {
     'ode': (ode.ODESettings, ode.sample),
     'dpm_solver': (dpm_solver.DPMSolverSettings, dpm_solver.sample),
     'heun': (heun.HeunSettings, heun.sample),
+    'unipc': (unipc.UniPCSettings, unipc.sample),
 }
 
 

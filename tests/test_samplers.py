@@ -70,6 +70,9 @@ def _distance(name, sampler, steps, n=4000, **options):
     ('vp', 'dpm_solver', 3, 25, {'order': 2, 'spacing': 'logsnr'}),
     ('ddpm', 'dpm_solver', 3, 25, {'order': 3, 'spacing': 'logsnr'}),
     ('edm', 'dpm_solver', 3, 25, {'order': 1, 'spacing': 'karras'}),
+    ('vp', 'unipc', 3, 25, {'order': 2, 'spacing': 'logsnr'}),
+    ('ddpm', 'unipc', 3, 25, {'order': 3, 'spacing': 'logsnr', 'unipc_variant': 'bh1'}),
+    ('edm', 'unipc', 3, 25, {'order': 2, 'spacing': 'karras'}),
     ('edm', 'heun', 2, 40, {}), ('vp', 'heun', 2, 40, {}),
     ('edm', 'heun', 2, 80, {'s_churn': 20.0, 's_min': 0.05, 's_max': 50.0, 's_noise': 1.003}),
 ])
@@ -171,6 +174,7 @@ def test_probability_flow_round_trip():
 def test_nfe_of_heun_and_dpm_solver():
   assert _run('edm', 'heun', jax.random.key(0), n=4, num_steps=18)[1] == 35  # 2N - 1
   assert _run('vp', 'dpm_solver', jax.random.key(0), n=4, num_steps=10, order=3)[1] == 10
+  assert _run('vp', 'unipc', jax.random.key(0), n=4, num_steps=10, order=3)[1] == 10
   assert _run('vp', 'pc', jax.random.key(0), n=4, num_steps=10, n_steps_each=2)[1] == 9 * 3 + 1
 
 
@@ -187,7 +191,7 @@ def _nested_whiles(jaxpr, depth=0) -> int:
   return count
 
 
-@pytest.mark.parametrize('sampler', ['ddim', 'ddpm', 'dpm_solver', 'heun', 'pc'])
+@pytest.mark.parametrize('sampler', ['ddim', 'ddpm', 'dpm_solver', 'unipc', 'heun', 'pc'])
 def test_sampler_loops_hold_no_nested_while_loops(sampler):
   """A table lookup whose offset comes from a while loop nested in the sampler loop fails to compile on
   XLA:GPU (openxla/xla#49299): the discrete process must interpolate its tables without one."""

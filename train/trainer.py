@@ -231,6 +231,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
   d = config.data
   if is_autoencoder(config):
     a = config.autoencoder
+    if t.grad_accum != 1:
+      raise ValueError('training.grad_accum is not supported for autoencoders (model.name=vae)')
     settings = autoencoder.AutoencoderSettings(
         recon_loss=a.recon_loss, kl_weight=a.kl_weight, disc_start=a.disc_start, disc_weight=a.disc_weight,
         ema_decay=t.ema_decay, centered=d.centered, random_flip=d.random_flip)
