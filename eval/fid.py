@@ -1,7 +1,9 @@
 """Inception features of uint8 images — generated batches or a dataset split — for FID / KID / IS / PR.
 
 Images enter as uint8 [B, H, W, C] (C = 1 is repeated to RGB, as FID tools do for grayscale data) and are
-scaled to [0, 1] on the device; every call is padded to one batch size so the network compiles once.
+scaled to [0, 1] on the device; every call is padded to one batch size so the network compiles once. With a
+mesh, each batch is split over its data-like axes and the features come back replicated, so every host of a
+multi-host run (each holding the same images) gets all of them in order.
 """
 
 from typing import Iterator
@@ -9,24 +11,45 @@ from typing import Iterator
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 from tqdm import tqdm
 
 from data import pipeline
 from data.sources import ImageSource
 from eval import inception, inception_weights
+from train import sharding
 
 
 class FeatureExtractor:
   """uint8 images -> (pool3 features [N, 2048] float32, logits [N, 1008] or None) as numpy arrays."""
 
   def __init__(self, weights: str | None = None, batch_size: int = 250, *, cache_dir: str | None = None,
-               model: inception.InceptionV3 | None = None):
+               model: inception.InceptionV3 | None = None, mesh: jax.sharding.Mesh | None = None):
     self.model = model if model is not None else inception_weights.load_inception(weights, cache_dir=cache_dir)
     self.batch_size = batch_size
     self.has_logits = self.model.fc is not None
     blocks = ('pool3', 'logits') if self.has_logits else ('pool3',)
-    run = inception.make_blocks_fn(self.model, blocks)
-    self._fn = jax.jit(lambda u8: run(u8.astype(jnp.float32) / 255.0))  # scaling fused into the program
+    graphdef, state = nnx.split(self.model)
+
+    def run(state, u8):  # uint8 -> [0, 1] fused into the program
+      return nnx.merge(graphdef, state)(u8.astype(jnp.float32) / 255.0, blocks)
+
+    self._images_sharding = None
+    if mesh is None:
+      self._state, self._run = state, jax.jit(run)
+    else:
+      if batch_size % sharding.batch_parallelism(mesh):
+        raise ValueError(f'eval batch size {batch_size} does not divide over the mesh {dict(mesh.shape)}')
+      self._images_sharding = sharding.batch_sharding(mesh)
+      self._state = jax.device_put(state, sharding.replicated(mesh))
+      self._run = jax.jit(run, in_shardings=(sharding.replicated(mesh), self._images_sharding),
+                          out_shardings=sharding.replicated(mesh))
+
+  def _put(self, chunk: np.ndarray) -> jax.Array:
+    if self._images_sharding is None:
+      return jnp.asarray(chunk, jnp.uint8)
+    # every host holds the whole chunk and contributes the rows of its own devices
+    return jax.make_array_from_callback(chunk.shape, self._images_sharding, lambda idx: chunk[idx])
 
   def __call__(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
     images = np.asarray(images)
@@ -40,7 +63,7 @@ class FeatureExtractor:
       n = len(chunk)
       if n < self.batch_size:  # pad: one compiled shape
         chunk = np.concatenate([chunk, np.zeros((self.batch_size - n, *chunk.shape[1:]), chunk.dtype)])
-      out = self._fn(jnp.asarray(chunk, jnp.uint8))
+      out = self._run(self._state, self._put(chunk.astype(np.uint8)))
       feats.append(np.asarray(out['pool3'])[:n])
       if self.has_logits:
         logits.append(np.asarray(out['logits'])[:n])

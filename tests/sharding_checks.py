@@ -129,6 +129,40 @@ def check_sampling():
   print('sampling on 8 devices equals 1 device')
 
 
+def random_inception():
+  """The FID Inception network with random weights (BN scales near 1) and 13 random uint8 images."""
+  from flax import nnx
+  from eval import inception
+  graphdef, state = nnx.split(inception.InceptionV3(with_logits=True))
+  rng = np.random.default_rng(0)
+  leaves, treedef = jax.tree.flatten(state)
+  leaves = [np.asarray(rng.normal(1.0 if x.ndim == 1 else 0.0, 0.1 if x.ndim == 1 else 0.05, x.shape),
+                       np.float32) for x in leaves]
+  images = rng.integers(0, 256, (13, 32, 32, 1), np.uint8)  # 13: the last batch of 8 is padded
+  return nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves)), images
+
+
+def check_features():
+  """Inception features with the batch split over 8 devices (8x1 and 2x4) equal one device's, in order."""
+  from eval import fid
+  model, images = random_inception()
+  outs = []
+  for mesh in (None, sharding.make_mesh((8, 1)), sharding.make_mesh((2, 4))):
+    feats, logits = fid.FeatureExtractor(batch_size=8, model=model, mesh=mesh)(images)
+    assert feats.shape == (13, 2048) and logits.shape == (13, 1008)
+    outs.append((feats, logits))
+  assert np.std(outs[0][0]) > 0
+  for feats, logits in outs[1:]:
+    np.testing.assert_allclose(feats, outs[0][0], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(logits, outs[0][1], rtol=1e-4, atol=1e-4)
+  try:
+    fid.FeatureExtractor(batch_size=6, model=model, mesh=sharding.make_mesh((8, 1)))
+    raise AssertionError('a batch that does not divide over the mesh was accepted')
+  except ValueError as e:
+    assert 'does not divide' in str(e)
+  print('Inception features on 8 devices equal 1 device')
+
+
 def check_grad_accum():
   data = batches(3)
   mesh = sharding.make_mesh((1, 1), devices=jax.devices()[:1])
@@ -143,21 +177,28 @@ def check_grad_accum():
 
 
 def check_multihost(process_id: int, port: str, out: str):
-  """One of two processes on localhost: 3 data-parallel steps over both, parameters saved by process 0."""
+  """One of two processes on localhost: 3 data-parallel steps over both, then Inception features with the
+  batch split over both (each process holds all images, as in --mode=eval); saved by process 0."""
   jax.config.update('jax_cpu_collectives_implementation', 'gloo')
   jax.distributed.initialize(coordinator_address=f'localhost:{port}', num_processes=2, process_id=process_id)
   assert jax.process_count() == 2 and jax.device_count() == 2
   state, losses = train(tiny_config(), sharding.make_mesh((-1, 1)))
   params = jax.tree.map(lambda x: np.asarray(jax.experimental.multihost_utils.process_allgather(x, tiled=True)),
                         state.params)
+  from eval import fid
+  model, images = random_inception()
+  feats, _ = fid.FeatureExtractor(batch_size=8, model=model, mesh=sharding.make_mesh((-1, 1)))(images)
   if jax.process_index() == 0:
-    np.savez(out, losses=np.asarray(losses), *jax.tree.leaves(params))
+    np.savez(out, losses=np.asarray(losses), features=feats, *jax.tree.leaves(params))
   jax.distributed.shutdown()
 
 
 def check_single_reference(out: str):
+  from eval import fid
   state, losses = train(tiny_config(), sharding.make_mesh((1, 1), devices=jax.devices()[:1]))
-  np.savez(out, losses=np.asarray(losses), *[np.asarray(x) for x in jax.tree.leaves(state.params)])
+  model, images = random_inception()
+  feats, _ = fid.FeatureExtractor(batch_size=8, model=model)(images)
+  np.savez(out, losses=np.asarray(losses), features=feats, *[np.asarray(x) for x in jax.tree.leaves(state.params)])
 
 
 if __name__ == '__main__':
@@ -170,4 +211,5 @@ if __name__ == '__main__':
   elif check == 'checkpoint':
     check_checkpoint_across_meshes(sys.argv[2])
   else:
-    {'parallel': check_data_parallel_and_fsdp, 'sampling': check_sampling, 'grad_accum': check_grad_accum}[check]()
+    {'parallel': check_data_parallel_and_fsdp, 'sampling': check_sampling, 'grad_accum': check_grad_accum,
+     'features': check_features}[check]()

@@ -20,7 +20,7 @@ def _run(*args):
   return proc.stdout
 
 
-@pytest.mark.parametrize('check', ['parallel', 'sampling', 'grad_accum'])
+@pytest.mark.parametrize('check', ['parallel', 'sampling', 'grad_accum', 'features'])
 def test_sharded_equals_one_device(check):
   assert _run(check).strip()
 
@@ -32,7 +32,8 @@ def test_checkpoint_restores_onto_other_meshes(tmp_path):
 
 def test_two_processes_match_one(tmp_path):
   """Two processes on localhost (jax.distributed, gloo CPU collectives), one device each, each feeding its
-  half of the batch: 3 steps give the single-process parameters."""
+  half of the batch: 3 steps give the single-process parameters, and Inception features split over both
+  processes equal one device's."""
   import socket
   import numpy as np
   with socket.socket() as s:

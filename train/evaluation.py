@@ -3,7 +3,9 @@
 Like the trainer, this module reads the ConfigDict and hands typed arguments to eval/. Results go to
 <workdir>/eval/: one JSON per (checkpoint, sampler) — written last, so a preempted run redoes only the
 unfinished pair — plus, per checkpoint, a table (JSON + markdown) and a plot of FID against NFE, and
-TensorBoard scalars under <workdir>/tb.
+TensorBoard scalars under <workdir>/tb. On several hosts every host computes (generation and features are
+split over the global mesh), process 0 alone writes, and whether a result already exists is decided by
+process 0 for all, so every host makes the same collective calls.
 """
 
 import copy
@@ -13,6 +15,7 @@ import os
 import time
 
 import jax
+import jax.experimental.multihost_utils as multihost_utils
 import ml_collections
 import numpy as np
 from tensorboardX import SummaryWriter
@@ -32,7 +35,25 @@ def _cache_dir(config: ml_collections.ConfigDict) -> str:
 
 
 def _extractor(config: ml_collections.ConfigDict) -> fid.FeatureExtractor:
-  return fid.FeatureExtractor(config.eval.inception_weights, config.eval.batch_size, cache_dir=config.eval.cache_dir)
+  """The Inception feature extractor, its batches split over the mesh when they divide over it."""
+  return fid.FeatureExtractor(config.eval.inception_weights, config.eval.batch_size, cache_dir=config.eval.cache_dir,
+                              mesh=trainer.sampling_mesh(config, config.eval.batch_size))
+
+
+def _exists(*paths: str) -> bool:
+  """Whether all paths exist, as process 0 sees them (shared by every host, so all take the same branch)."""
+  found = all(os.path.exists(p) for p in paths)
+  if jax.process_count() > 1:
+    found = bool(multihost_utils.broadcast_one_to_all(np.asarray(found)))
+  return found
+
+
+def _write_json(path: str, obj) -> None:
+  """Process 0 writes `obj` to path atomically (a result file is the marker that its work is done)."""
+  if jax.process_index() == 0:
+    with open(path + '.tmp', 'w') as f:
+      json.dump(obj, f, indent=1)
+    os.replace(path + '.tmp', path)
 
 
 def reference_paths(config: ml_collections.ConfigDict) -> tuple[str, str]:
@@ -53,7 +74,7 @@ def fid_stats(config: ml_collections.ConfigDict, extractor: fid.FeatureExtractor
   The features themselves are cached too: KID and precision / recall need them, not only (mu, sigma).
   """
   stats_path, feats_path = reference_paths(config)
-  if os.path.exists(stats_path) and os.path.exists(feats_path):
+  if _exists(stats_path, feats_path):
     return {'stats': stats_path, 'features': feats_path, 'cached': True}
   split = config.eval.ref_split or config.data.eval_split
   source = trainer.build_source(config, split)
@@ -62,10 +83,13 @@ def fid_stats(config: ml_collections.ConfigDict, extractor: fid.FeatureExtractor
   feats, logits = fid.source_features(extractor, source, n, config.eval.batch_size,
                                       desc=f'reference features ({config.data.dataset}/{split})')
   mu, sigma = metrics.mu_sigma(feats)
-  os.makedirs(os.path.dirname(stats_path), exist_ok=True)
-  np.savez(feats_path + '.tmp.npz', features=feats, **({'logits': logits} if logits is not None else {}))
-  os.replace(feats_path + '.tmp.npz', feats_path)
-  metrics.save_stats(stats_path, mu, sigma, num_images=n)
+  if jax.process_index() == 0:
+    os.makedirs(os.path.dirname(stats_path), exist_ok=True)
+    np.savez(feats_path + '.tmp.npz', features=feats, **({'logits': logits} if logits is not None else {}))
+    os.replace(feats_path + '.tmp.npz', feats_path)
+    metrics.save_stats(stats_path, mu, sigma, num_images=n)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices('fid_stats written')  # the other hosts read them next
   return {'stats': stats_path, 'features': feats_path, 'cached': False, 'num_images': n}
 
 
@@ -121,7 +145,9 @@ def _sample_metrics(config, feats, logits, ref_mu, ref_sigma, ref_feats) -> dict
 
 
 def _write_table(eval_dir: str, step: int, rows: list[dict]) -> None:
-  """FID (and friends) against NFE for one checkpoint: JSON, markdown and a PNG plot."""
+  """FID (and friends) against NFE for one checkpoint: JSON, markdown and a PNG plot (process 0)."""
+  if jax.process_index() != 0:
+    return
   base = os.path.join(eval_dir, f'table_step{step:08d}')
   with open(base + '.json', 'w') as f:
     json.dump(rows, f, indent=1)
@@ -187,7 +213,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
     for name, num_steps in plan:
       label = f'{name}_{num_steps}'
       path = os.path.join(eval_dir, f'step{step:08d}_{label}.json')
-      if os.path.exists(path):
+      if _exists(path):
         with open(path) as f:
           rows.append(json.load(f))
         continue
@@ -209,9 +235,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
           if k in row:
             writer.add_scalar(f'eval/{label}/{k}', row[k], step)
         writer.flush()
-      with open(path + '.tmp', 'w') as f:
-        json.dump(row, f, indent=1)
-      os.replace(path + '.tmp', path)  # the marker that this pair is done
+      _write_json(path, row)  # the marker that this pair is done
       rows.append(row)
     _write_table(eval_dir, step, rows)
     results.extend(rows)
@@ -243,7 +267,7 @@ def evaluate_autoencoder(config: ml_collections.ConfigDict, workdir: str) -> lis
   results = []
   for step in steps:
     path = os.path.join(eval_dir, f'step{step:08d}_reconstruction.json')
-    if os.path.exists(path):
+    if _exists(path):
       with open(path) as f:
         results.append(json.load(f))
       continue
@@ -274,9 +298,7 @@ def evaluate_autoencoder(config: ml_collections.ConfigDict, workdir: str) -> lis
         row['kid'], row['kid_std'] = metrics.kid(feats, ref_feats)
     row['seconds'] = round(time.perf_counter() - t0, 1)
     os.makedirs(eval_dir, exist_ok=True)
-    with open(path + '.tmp', 'w') as f:
-      json.dump(row, f, indent=1)
-    os.replace(path + '.tmp', path)
+    _write_json(path, row)
     results.append(row)
   ckpt.close()
   return results
