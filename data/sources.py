@@ -1,7 +1,8 @@
 """Dataset registry: a name -> a random-access `ImageSource` of fitted uint8 images.
 
-Names: 'mnist' (packaged, offline), 'folder' (images under data_dir), anything else is a tfds
-dataset name read TF-free from data_dir. Every source yields the shape the model is built for,
+Names: 'mnist' (packaged, offline), 'mnist_captions' and 'composed_digits' (captioned digits, labels are
+caption ids: data/captions.py), 'folder' (images under data_dir), anything else is a tfds dataset name read
+TF-free from data_dir. Every source yields the shape the model is built for,
 {'image': uint8 [image_size, image_size, num_channels], 'label': int32}, or fails at
 construction with a DataError.
 """
@@ -84,6 +85,10 @@ def get_source(
     raise DataError(f'data.image_size must be positive, got {image_size}')
   if dataset == 'mnist':
     return _mnist(split, image_size=image_size, num_channels=num_channels, resize=resize)
+  if dataset in ('mnist_captions', 'composed_digits'):
+    from data import captions  # imported here: data.captions builds on this module
+    make = captions.captioned_mnist if dataset == 'mnist_captions' else captions.composed_digits
+    return make(split, image_size=image_size, num_channels=num_channels, resize=resize)
   if dataset == 'folder':
     return FolderSource(data_dir, image_size=image_size, num_channels=num_channels, resize=resize)
   return TfdsSource(

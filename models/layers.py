@@ -154,3 +154,83 @@ class AttnBlock(nnx.Module):
     h = self.out(h.reshape(b, hh * ww, c)).reshape(b, hh, ww, c)
     out = x + h
     return out / math.sqrt(2.0) if self.skip_rescale else out
+
+
+def _heads(x: Array, n: int) -> Array:
+  b, t, c = x.shape
+  return x.reshape(b, t, n, c // n)  # [B, T, N, H]
+
+
+class CrossAttention(nnx.Module):
+  """Multi-head attention of x [B, T, C] over a context [B, S, D] (itself when context is None); `mask`
+  [B, S] (1 = a real token) keeps padding tokens out of the keys."""
+
+  def __init__(self, channels: int, context_dim: int | None = None, *, num_heads: int = 1, dtype=jnp.float32,
+               rngs: nnx.Rngs):
+    if channels % num_heads:
+      raise ValueError(f'{channels} channels do not split into {num_heads} heads')
+    kv = context_dim or channels
+    self.num_heads = num_heads
+    self.q = nnx.Linear(channels, channels, use_bias=False, dtype=dtype, rngs=rngs)
+    self.k = nnx.Linear(kv, channels, use_bias=False, dtype=dtype, rngs=rngs)
+    self.v = nnx.Linear(kv, channels, use_bias=False, dtype=dtype, rngs=rngs)
+    self.out = nnx.Linear(channels, channels, dtype=dtype, rngs=rngs)
+
+  def __call__(self, x: Array, context: Array | None = None, mask: Array | None = None) -> Array:
+    ctx = x if context is None else context.astype(x.dtype)
+    attn_mask = None if mask is None else mask.astype(bool)[:, None, None, :]  # [B, 1, T, S] broadcast
+    h = jax.nn.dot_product_attention(_heads(self.q(x), self.num_heads), _heads(self.k(ctx), self.num_heads),
+                                     _heads(self.v(ctx), self.num_heads), mask=attn_mask)
+    return self.out(h.reshape(x.shape))
+
+
+class GEGLU(nnx.Module):
+  """The gated-GELU feed-forward of Stable Diffusion's transformer blocks: (a * gelu(g)) W, 4x inner width."""
+
+  def __init__(self, channels: int, mult: int = 4, *, dtype=jnp.float32, rngs: nnx.Rngs):
+    self.proj = nnx.Linear(channels, 2 * mult * channels, dtype=dtype, rngs=rngs)
+    self.out = nnx.Linear(mult * channels, channels, dtype=dtype, rngs=rngs)
+
+  def __call__(self, x: Array) -> Array:
+    a, g = jnp.split(self.proj(x), 2, axis=-1)
+    return self.out(a * jax.nn.gelu(g, approximate=False))
+
+
+class TransformerBlock(nnx.Module):
+  """Pre-LN self-attention, cross-attention to the context, GEGLU feed-forward, each residual."""
+
+  def __init__(self, channels: int, context_dim: int, *, num_heads: int, dtype=jnp.float32, rngs: nnx.Rngs):
+    ln = lambda: nnx.LayerNorm(channels, epsilon=1e-5, dtype=jnp.float32, rngs=rngs)
+    self.norm1, self.norm2, self.norm3 = ln(), ln(), ln()
+    self.attn1 = CrossAttention(channels, num_heads=num_heads, dtype=dtype, rngs=rngs)
+    self.attn2 = CrossAttention(channels, context_dim, num_heads=num_heads, dtype=dtype, rngs=rngs)
+    self.ff = GEGLU(channels, dtype=dtype, rngs=rngs)
+
+  def __call__(self, x: Array, context: Array, mask: Array | None) -> Array:
+    dt = x.dtype
+    x = x + self.attn1(self.norm1(x).astype(dt))
+    x = x + self.attn2(self.norm2(x).astype(dt), context, mask)
+    return x + self.ff(self.norm3(x).astype(dt))
+
+
+class SpatialTransformer(nnx.Module):
+  """Latent diffusion's spatial transformer (Rombach et al. 2022): GroupNorm, a linear projection of the
+  H*W positions to tokens, `depth` transformer blocks attending to the text context, a zero-initialized
+  projection back, and the residual — so a new block starts as the identity."""
+
+  def __init__(self, channels: int, context_dim: int, *, num_heads: int = 1, depth: int = 1,
+               skip_rescale: bool = False, num_groups: int = 32, dtype=jnp.float32, rngs: nnx.Rngs):
+    self.skip_rescale = skip_rescale
+    self.norm = group_norm(channels, num_groups, rngs=rngs)
+    self.proj_in = dense(channels, channels, dtype=dtype, rngs=rngs)
+    self.blocks = nnx.List([TransformerBlock(channels, context_dim, num_heads=num_heads, dtype=dtype, rngs=rngs)
+                            for _ in range(depth)])
+    self.proj_out = dense(channels, channels, init_scale=0.0, dtype=dtype, rngs=rngs)
+
+  def __call__(self, x: Array, context: Array, mask: Array | None = None) -> Array:
+    b, hh, ww, c = x.shape
+    h = self.proj_in(self.norm(x).astype(x.dtype).reshape(b, hh * ww, c))  # [B, T, C]
+    for block in self.blocks:
+      h = block(h, context, mask)
+    out = x + self.proj_out(h).reshape(b, hh, ww, c)
+    return out / math.sqrt(2.0) if self.skip_rescale else out

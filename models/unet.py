@@ -3,9 +3,13 @@
 With resblock_type='ddpm', skip_rescale=False and positional embeddings it is the DDPM network (35.7 M
 parameters in the CIFAR-10 configuration); with skip_rescale=True it is DDPM++; BigGAN blocks, Gaussian
 Fourier embeddings of log sigma and skip rescaling give the NCSN++ variant without FIR resampling.
+With context_dim > 0 it is a text-conditioned (latent diffusion) U-Net: every attention block becomes a
+spatial transformer that cross-attends to the text tokens, and the pooled text embedding joins the time
+embedding (pooled_dim > 0).
 """
 
 import dataclasses
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -37,10 +41,18 @@ class UNetConfig:
   num_classes: int = 0  # > 0: class embedding with num_classes + 1 entries (the last is the null label)
   dtype: str = 'float32'  # compute dtype; parameters are float32
   remat: bool = False  # training: recompute each residual block's activations in the backward pass
+  context_dim: int = 0  # > 0: spatial transformers cross-attend to text tokens of this width
+  transformer_depth: int = 1  # transformer blocks per spatial transformer
+  pooled_dim: int = 0  # > 0: the pooled text embedding is projected and added to the time embedding
+  text_encoder: Any = None  # a models.text.SmallTextConfig: a trainable encoder of token ids inside the model
+
+
+TextCond = dict[str, Array]  # {'tokens': [B, L, D], 'mask': [B, L], 'pooled': [B, D]} or {'ids', 'mask'}
 
 
 class UNet(nnx.Module):
-  """eps / x0 / v / score / EDM-F network: (x [B, H, W, C], noise_cond [B], labels [B] | None) -> [B, H, W, C]."""
+  """eps / x0 / v / score / EDM-F network: (x [B, H, W, C], noise_cond [B], cond) -> [B, H, W, C], where cond
+  is None, class labels [B] (num_classes > 0) or a text condition (context_dim > 0)."""
 
   def __init__(self, cfg: UNetConfig, *, rngs: nnx.Rngs):
     if cfg.embedding_type not in ('positional', 'fourier'):
@@ -56,6 +68,17 @@ class UNet(nnx.Module):
     kw = dict(num_groups=cfg.num_groups, dtype=dt, rngs=rngs)
     res_kw = dict(kind=cfg.resblock_type, dropout=cfg.dropout, skip_rescale=cfg.skip_rescale, **kw)
     attn_kw = dict(num_heads=cfg.num_heads, skip_rescale=cfg.skip_rescale, **kw)
+    if cfg.context_dim > 0:
+      attn = lambda ch: layers.SpatialTransformer(ch, cfg.context_dim, depth=cfg.transformer_depth, **attn_kw)
+    else:
+      attn = lambda ch: layers.AttnBlock(ch, **attn_kw)
+    if cfg.text_encoder is not None:
+      from models.text import SmallTextEncoder
+      if cfg.context_dim != cfg.text_encoder.width:
+        raise ValueError(f'context_dim {cfg.context_dim} must equal the text encoder width {cfg.text_encoder.width}')
+      self.text_encoder = SmallTextEncoder(cfg.text_encoder, rngs=rngs)
+    else:
+      self.text_encoder = None
 
     if cfg.embedding_type == 'fourier':
       self.fourier = layers.FourierEmbedding(nf, cfg.fourier_scale, rngs=rngs)
@@ -66,6 +89,7 @@ class UNet(nnx.Module):
     self.temb1 = layers.dense(emb_in, temb_dim, rngs=rngs)
     self.temb2 = layers.dense(temb_dim, temb_dim, rngs=rngs)
     self.class_emb = (nnx.Embed(cfg.num_classes + 1, temb_dim, rngs=rngs) if cfg.num_classes > 0 else None)
+    self.pooled_proj = layers.dense(cfg.pooled_dim, temb_dim, rngs=rngs) if cfg.pooled_dim > 0 else None
 
     self.conv_in = layers.conv(cfg.in_channels, nf, dtype=dt, rngs=rngs)
     # Down path: every block's output is kept for a skip connection.
@@ -75,7 +99,7 @@ class UNet(nnx.Module):
         block = [layers.ResBlock(ch, nf * mult, temb_dim, **res_kw)]
         ch = nf * mult
         if res in cfg.attn_resolutions:
-          block.append(layers.AttnBlock(ch, **attn_kw))
+          block.append(attn(ch))
         down.append(nnx.List(block))
         skip_ch.append(ch)
       if level != len(cfg.ch_mult) - 1:
@@ -86,7 +110,7 @@ class UNet(nnx.Module):
         skip_ch.append(ch)
         res //= 2
     self.down = nnx.List(down)
-    self.mid = nnx.List([layers.ResBlock(ch, ch, temb_dim, **res_kw), layers.AttnBlock(ch, **attn_kw),
+    self.mid = nnx.List([layers.ResBlock(ch, ch, temb_dim, **res_kw), attn(ch),
                          layers.ResBlock(ch, ch, temb_dim, **res_kw)])
     # Up path: num_res_blocks + 1 blocks per level, each consuming one skip connection.
     up = []
@@ -95,7 +119,7 @@ class UNet(nnx.Module):
         block = [layers.ResBlock(ch + skip_ch.pop(), nf * mult, temb_dim, **res_kw)]
         ch = nf * mult
         if res in cfg.attn_resolutions:
-          block.append(layers.AttnBlock(ch, **attn_kw))
+          block.append(attn(ch))
         up.append(nnx.List(block))
       if level != 0:
         if cfg.resblock_type == 'biggan':
@@ -107,7 +131,19 @@ class UNet(nnx.Module):
     self.norm_out = layers.group_norm(ch, cfg.num_groups, rngs=rngs)
     self.conv_out = layers.conv(ch, cfg.out_channels or cfg.in_channels, init_scale=0.0, dtype=dt, rngs=rngs)
 
-  def _embed(self, noise_cond: Array, labels: Array | None) -> Array:
+  def _text(self, cond: TextCond | None) -> tuple[Array | None, Array | None, Array | None]:
+    """(tokens [B, L, D], mask [B, L], pooled [B, D]) of a text condition."""
+    if self.cfg.context_dim == 0:
+      return None, None, None
+    if not isinstance(cond, dict):
+      raise ValueError('a text-conditioned U-Net needs a text condition (tokens and mask), got '
+                       f'{type(cond).__name__}')
+    if self.text_encoder is not None:
+      tokens, pooled = self.text_encoder(cond['ids'], cond['mask'])
+      return tokens, cond['mask'], pooled
+    return cond['tokens'], cond['mask'], cond.get('pooled')
+
+  def _embed(self, noise_cond: Array, labels: Array | None, pooled: Array | None = None) -> Array:
     if self.fourier is not None:
       emb = self.fourier(noise_cond)
     else:
@@ -117,32 +153,37 @@ class UNet(nnx.Module):
       if labels is None:
         labels = jnp.full(noise_cond.shape, self.cfg.num_classes, jnp.int32)  # the null label
       emb = emb + self.class_emb(labels)
+    if self.pooled_proj is not None:
+      emb = emb + self.pooled_proj(pooled.astype(jnp.float32))
     return nnx.silu(emb)  # every block projects act(temb)
 
-  def _run(self, block, h: Array, temb: Array, train: bool, rngs) -> Array:
+  def _run(self, block, h: Array, temb: Array, train: bool, rngs, text=None) -> Array:
     for layer in block:
       if isinstance(layer, layers.ResBlock):
         if self.cfg.remat and train:  # activation checkpointing: memory of one block instead of all
           h = nnx.remat(lambda m, h, temb, rngs: m(h, temb, train=True, rngs=rngs))(layer, h, temb, rngs)
         else:
           h = layer(h, temb, train=train, rngs=rngs)
+      elif isinstance(layer, layers.SpatialTransformer):
+        h = layer(h, text[0], text[1])
       else:
         h = layer(h)
     return h
 
-  def __call__(self, x: Array, noise_cond: Array, labels: Array | None = None, *, train: bool = False,
+  def __call__(self, x: Array, noise_cond: Array, cond: Array | TextCond | None = None, *, train: bool = False,
                rngs: nnx.Rngs | None = None) -> Array:
     dt = DTYPES[self.cfg.dtype]
-    temb = self._embed(noise_cond, labels).astype(dt)
+    text = self._text(cond)
+    temb = self._embed(noise_cond, None if text[0] is not None else cond, text[2]).astype(dt)
     h = self.conv_in(x.astype(dt))
     hs = [h]
     for block in self.down:
-      h = self._run(block, h, temb, train, rngs)
+      h = self._run(block, h, temb, train, rngs, text)
       hs.append(h)
-    h = self._run(self.mid, h, temb, train, rngs)
+    h = self._run(self.mid, h, temb, train, rngs, text)
     for block in self.up:
       if isinstance(block[0], layers.ResBlock) and not block[0].up:
         h = jnp.concatenate([h, hs.pop()], -1)
-      h = self._run(block, h, temb, train, rngs)
+      h = self._run(block, h, temb, train, rngs, text)
     h = nnx.silu(self.norm_out(h)).astype(dt)
     return self.conv_out(h)

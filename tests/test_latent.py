@@ -74,7 +74,7 @@ def test_cached_and_on_the_fly_latent_steps_agree(codec, tmp_path):
     settings = step_lib.StepSettings(cached_latents=cached_latents, ema_decay=0.0)
     step = jax.jit(step_lib.make_train_step(graphdef, process, tx, lambda s: 0.0, settings, jax.random.key(0),
                                             codec))
-    _, metrics = step(state, batch, codec.frozen)
+    _, metrics = step(state, batch, {'vae': codec.frozen, 'text': None})
     results.append(float(metrics['loss']))
   np.testing.assert_allclose(results[0], results[1], rtol=1e-2)
 

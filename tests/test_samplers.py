@@ -129,6 +129,37 @@ def test_classifier_free_guidance_wrapper():
     assert calls == ([3] if scale == 1.0 else [6])
 
 
+def test_guidance_rescale_matches_diffusers_formula():
+  """eps: diffusers' rescale_noise_cfg written out in numpy (std over every non-batch axis, unbiased as torch);
+  x0 stays (x - sigma eps) / alpha; phi = 0 is plain CFG."""
+  from samplers.guidance import classifier_free_guidance
+  process = processes.get_process('vp')
+  rng = np.random.default_rng(0)
+  x, t = jnp.asarray(rng.normal(size=(4, 3, 3, 2)), jnp.float32), jnp.asarray([0.2, 0.4, 0.6, 0.9], jnp.float32)
+  w = jnp.asarray(rng.normal(size=(11, 3, 3, 2)), jnp.float32)
+
+  def model_fn(x, t, cond):
+    eps = 0.7 * x + 2.0 * w[cond]
+    a, s = process.alpha(t)[:, None, None, None], process.sigma(t)[:, None, None, None]
+    return (x - s * eps) / a, eps
+
+  y, scale = jnp.array([1, 2, 3, 4]), 4.0
+  _, eps_c = model_fn(x, t, y)
+  _, eps_u = model_fn(x, t, jnp.full((4,), 10))
+  cfg = np.asarray(eps_u + scale * (eps_c - eps_u), np.float64)
+  for phi in (0.0, 0.7, 1.0):
+    std_c = np.asarray(eps_c, np.float64).reshape(4, -1).std(axis=1, ddof=1)[:, None, None, None]
+    std_g = cfg.reshape(4, -1).std(axis=1, ddof=1)[:, None, None, None]
+    expected = phi * cfg * std_c / std_g + (1 - phi) * cfg
+    x0, eps = classifier_free_guidance(model_fn, scale, jnp.int32(10), rescale=phi, process=process)(x, t, y)
+    np.testing.assert_allclose(eps, expected, rtol=1e-5, atol=1e-5)
+    a, s = process.alpha(t)[:, None, None, None], process.sigma(t)[:, None, None, None]
+    np.testing.assert_allclose(x0, (x - s * eps) / a, rtol=1e-4, atol=1e-4)
+  assert np.abs(np.asarray(eps) - cfg).max() > 0.1  # phi = 1 really rescales
+  with pytest.raises(ValueError, match='needs the process'):
+    classifier_free_guidance(model_fn, scale, jnp.int32(10), rescale=0.5)
+
+
 def _run(name, sampler, rng, n=2000, **options):
   process = processes.get_process(name, **({'sigma_min': 0.002, 'sigma_max': 80.0} if name == 'edm' else {}))
   settings, sample_fn = get_sampler(sampler, **options)

@@ -189,28 +189,38 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'))
   steps = _select_steps(ckpt.all_steps(), e.checkpoints)
 
-  extractor = _extractor(config)
-  ref_feats = None
-  if e.ref_stats:
-    ref_mu, ref_sigma = metrics.load_stats(e.ref_stats)
-    if {'kid', 'pr'} & set(e.metrics):
-      raise ValueError('eval.ref_stats holds only (mu, sigma): KID and precision/recall need the reference '
-                       "features; drop them from eval.metrics or leave eval.ref_stats unset")
+  # eval.metrics=() with eval.binding: only the binding evaluation, no Inception network or sampler rows
+  if not e.metrics and e.binding and not e.bpd:
+    plan_rows = []
   else:
-    paths = fid_stats(config, extractor)
-    ref_mu, ref_sigma = metrics.load_stats(paths['stats'])
-    with np.load(paths['features'], allow_pickle=False) as f:
-      ref_feats = f['features']
+    plan_rows = plan
+    extractor = _extractor(config)
+    ref_feats = None
+    if e.ref_stats:
+      ref_mu, ref_sigma = metrics.load_stats(e.ref_stats)
+      if {'kid', 'pr'} & set(e.metrics):
+        raise ValueError('eval.ref_stats holds only (mu, sigma): KID and precision/recall need the reference '
+                         "features; drop them from eval.metrics or leave eval.ref_stats unset")
+    else:
+      paths = fid_stats(config, extractor)
+      ref_mu, ref_sigma = metrics.load_stats(paths['stats'])
+      with np.load(paths['features'], allow_pickle=False) as f:
+        ref_feats = f['features']
 
   process = trainer.build_process(config)
   codec = trainer.build_codec(config)
-  graphdef, state_like, _, _ = trainer.init_state(config, codec)
+  text = trainer.build_text(config, workdir)
+  if text is not None and e.bpd:
+    raise ValueError('eval.bpd is not supported for text-conditioned models (set eval.bpd=False)')
+  captions = trainer.dataset_captions(config) if text is not None else None
+  table, num_labels = trainer.sample_conditions(config, text, captions)
+  graphdef, state_like, _, _ = trainer.init_state(config, codec, text)
   writer = SummaryWriter(os.path.join(workdir, 'tb')) if jax.process_index() == 0 else None
   results = []
   for step in steps:
     state = None
     rows = []
-    for name, num_steps in plan:
+    for name, num_steps in plan_rows:
       label = f'{name}_{num_steps}'
       path = os.path.join(eval_dir, f'step{step:08d}_{label}.json')
       if _exists(path):
@@ -220,10 +230,11 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
       if state is None:
         state = ckpt.restore(state_like, step)
       gen = trainer.make_generate_fn(_with_sampler(config, name, num_steps), graphdef, process, codec,
-                                     e.batch_size)
+                                     e.batch_size, text, table)
       rng = jax.random.fold_in(jax.random.key(config.seed), 3)
       t0 = time.perf_counter()
-      feats, logits, nfe = _generated_features(gen, state, rng, extractor, config, desc=f'step {step} {label}')
+      feats, logits, nfe = _generated_features(gen, state, rng, extractor, config, num_labels,
+                                               desc=f'step {step} {label}')
       row = {'step': step, 'sampler': name, 'num_steps': num_steps, 'nfe': nfe, 'num_samples': e.num_samples,
              'reference': e.ref_stats or reference_paths(config)[0],
              **_sample_metrics(config, feats, logits, ref_mu, ref_sigma, ref_feats),
@@ -237,8 +248,12 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
         writer.flush()
       _write_json(path, row)  # the marker that this pair is done
       rows.append(row)
-    _write_table(eval_dir, step, rows)
+    if rows:
+      _write_table(eval_dir, step, rows)
     results.extend(rows)
+    if e.binding:
+      state = state if state is not None else ckpt.restore(state_like, step)
+      results.extend(_binding(config, eval_dir, step, state, graphdef, process, codec, text, plan[0]))
   ckpt.close()
   if writer is not None:
     writer.close()
@@ -304,8 +319,58 @@ def evaluate_autoencoder(config: ml_collections.ConfigDict, workdir: str) -> lis
   return results
 
 
+def _binding(config, eval_dir: str, step: int, state, graphdef, process, codec, text, sampler) -> list[dict]:
+  """Prompt binding of a text model against guidance scale: generated images are scored by the project's
+  digit classifier (and colour check) for what their prompt asked; JSON rows, a plot, and a grid per scale."""
+  from data import captions
+  from eval import binding
+  from data import images as image_io
+  e = config.eval
+  path = os.path.join(eval_dir, f'step{step:08d}_binding.json')
+  if _exists(path):
+    with open(path) as f:
+      return json.load(f)
+  if text is None:
+    raise ValueError('eval.binding scores prompts: it needs a text model (text.encoder)')
+  n, dataset = e.binding_num_images, config.data.dataset
+  if dataset == 'mnist_captions':
+    prompts, digits = captions.digit_prompts(n, config.seed)
+    score, keys = (lambda imgs: binding.score_digits(imgs, digits)), ('digit_accuracy',)
+  elif dataset == 'composed_digits':
+    prompts, objects = captions.binding_prompts(n, config.seed)
+    score = lambda imgs: binding.score_composed(imgs, objects)
+    keys = ('digit_accuracy', 'colour_accuracy', 'bleed_rate', 'both_correct')
+  else:
+    raise ValueError(f"eval.binding needs data.dataset 'mnist_captions' or 'composed_digits', not {dataset!r}")
+  table = text.table(prompts)
+  name, num_steps = sampler
+  rng = jax.random.fold_in(jax.random.key(config.seed), 6)
+  rows = []
+  for scale in e.guidance_scales:
+    c = _with_sampler(config, name, num_steps)
+    c.sample.guidance_scale = float(scale)
+    gen = trainer.make_generate_fn(c, graphdef, process, codec, e.batch_size, text, table)
+    t0 = time.perf_counter()
+    imgs, _, nfe = generate.generate_images(gen, state.ema_params, state.buffers, rng, n, e.batch_size, n)
+    rows.append({'step': step, 'kind': 'binding', 'dataset': dataset, 'guidance': float(scale),
+                 'guidance_rescale': config.sample.guidance_rescale, 'sampler': name, 'num_steps': num_steps,
+                 'nfe': nfe, **score(imgs), 'seconds': round(time.perf_counter() - t0, 1)})
+    if jax.process_index() == 0:
+      image_io.save_grid(os.path.join(eval_dir, f'step{step:08d}_binding_g{scale:g}.png'), imgs[:100], ncol=10)
+  if jax.process_index() == 0:
+    binding.plot_vs_guidance(rows, os.path.join(eval_dir, f'step{step:08d}_binding.png'), keys)
+  _write_json(path, rows)
+  return rows
+
+
 def describe(row: dict) -> str:
-  """One line per evaluated (checkpoint, sampler), or per checkpoint of an autoencoder."""
+  """One line per evaluated (checkpoint, sampler), per checkpoint of an autoencoder, or per guidance scale
+  of a binding evaluation."""
+  if row.get('kind') == 'binding':
+    scores = ', '.join(f'{k} {row[k]:.4f}' for k in ('digit_accuracy', 'colour_accuracy', 'bleed_rate',
+                                                      'both_correct') if k in row)
+    return (f"step {row['step']} binding ({row['dataset']}), guidance {row['guidance']:g}, {row['sampler']} "
+            f"{row['num_steps']} steps: {scores}")
   if row.get('kind') == 'reconstruction':
     scores = ', '.join(f'{k} {row[k]:.4g}' for k in ('fid', 'kid') if k in row)
     return (f"step {row['step']} reconstructions of {row['num_images']} images: PSNR {row['psnr']:.2f} dB, "
@@ -322,13 +387,14 @@ def _with_sampler(config: ml_collections.ConfigDict, name: str, num_steps: int) 
   return c
 
 
-def _generated_features(gen, state, rng, extractor, config, desc: str):
-  """Generates eval.num_samples images batch by batch and returns their Inception features and logits."""
-  e, num_classes = config.eval, config.model.num_classes
+def _generated_features(gen, state, rng, extractor, config, num_labels: int, desc: str):
+  """Generates eval.num_samples images batch by batch (cycling through num_labels classes or captions) and
+  returns their Inception features and logits."""
+  e = config.eval
   feats, logits, nfe = [], [], 0
   for i in tqdm(range(-(-e.num_samples // e.batch_size)), desc=desc, unit='batch', dynamic_ncols=True):
     imgs, _, nfe = generate.generate_images(gen, state.ema_params, state.buffers, jax.random.fold_in(rng, i),
-                                            e.batch_size, e.batch_size, num_classes, config.sample.class_label,
+                                            e.batch_size, e.batch_size, num_labels, config.sample.class_label,
                                             first_index=i * e.batch_size)
     f, lg = extractor(imgs)
     feats.append(f)

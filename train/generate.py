@@ -1,6 +1,6 @@
 """Generating images with a model and a sampler, in batches, as uint8 — for snapshots and --mode=sample."""
 
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -14,33 +14,42 @@ from samplers.guidance import classifier_free_guidance
 from train import sharding
 from train.latent import LatentCodec
 
+if TYPE_CHECKING:
+  from train.text import Table, TextConditioner
+
 
 def make_generate_fn(graphdef: nnx.GraphDef, process: Process, *, prediction: str, sigma_data: float,
                      sample_fn: Callable, settings: Any, shape: tuple[int, ...], centered: bool,
-                     guidance_scale: float = 1.0, null_label: int = 0, mesh=None,
-                     codec: LatentCodec | None = None) -> Callable:
+                     guidance_scale: float = 1.0, guidance_rescale: float = 0.0, null_label: int = 0, mesh=None,
+                     codec: LatentCodec | None = None, text: 'TextConditioner | None' = None,
+                     table: 'Table | None' = None) -> Callable:
   """A jitted fn(params, buffers, rng, labels | None) -> (uint8 images [B, H, W, C], nfe).
 
   `shape` is what the model sees; with a codec (latent diffusion) the sampled latents are decoded by its frozen
   VAE. With labels and guidance_scale != 1, classifier-free guidance against `null_label` (NFE counts network
-  evaluations of the batch; a guided one evaluates it twice). With a mesh, the batch is split over its
-  data-like axes (the samples are the same as on one device: the noise is drawn for the global batch).
+  evaluations of the batch; a guided one evaluates it twice). A text model's labels are row ids of the
+  caption `table` (its last row, the empty caption, is the null label). With a mesh, the batch is split over
+  its data-like axes (the samples are the same as on one device: the noise is drawn for the global batch).
   """
+  if text is not None:
+    null_label = len(table['mask']) - 1
 
   def generate(params, buffers, rng, labels, frozen):
     model = nnx.merge(graphdef, params, buffers)
-    model_fn = make_model_fn(lambda x, c, y: model(x, c, y), process, prediction, sigma_data)
-    model_fn = classifier_free_guidance(model_fn, guidance_scale, jnp.int32(null_label))
+    cond = (lambda y: text.lookup(frozen['text'], y)) if text is not None else (lambda y: y)
+    model_fn = make_model_fn(lambda x, c, y: model(x, c, cond(y)), process, prediction, sigma_data)
+    model_fn = classifier_free_guidance(model_fn, guidance_scale, jnp.int32(null_label), guidance_rescale, process)
     x, nfe = sample_fn(rng, model_fn, process, shape, settings, labels)
     if codec is not None:
-      x = codec.decode(frozen, x)
+      x = codec.decode(frozen['vae'], x)
     return scaler.to_uint8(x, centered=centered), nfe
 
   if mesh is None:
     jitted = jax.jit(generate)
   else:
     jitted = jax.jit(generate, out_shardings=(sharding.batch_sharding(mesh), sharding.replicated(mesh)))
-  frozen = codec.frozen if codec is not None else None
+  frozen = {'vae': codec.frozen if codec is not None else None, 'text': table}
+  frozen = jax.device_put(frozen, sharding.replicated(mesh) if mesh is not None else None)  # once, not per call
   return lambda params, buffers, rng, labels: jitted(params, buffers, rng, labels, frozen)
 
 

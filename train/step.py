@@ -5,7 +5,7 @@ does, however many steps run per jitted call.
 """
 
 import dataclasses
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -19,6 +19,9 @@ from diffusion.processes import Process
 from train.latent import LatentCodec
 from train.state import TrainState
 
+if TYPE_CHECKING:
+  from train.text import TextConditioner
+
 Batch = dict[str, jax.Array]  # {'image': uint8 [B, H, W, C] (or cached latent moments), 'label': int32 [B]}
 
 
@@ -30,8 +33,8 @@ class StepSettings:
   centered: bool = True
   dequantize: bool = False
   random_flip: bool = False
-  num_classes: int = 0  # > 0: feed labels, replaced by the null label with probability label_dropout
-  label_dropout: float = 0.0
+  num_classes: int = 0  # > 0: feed labels (classes or caption ids), the null label num_classes with
+  label_dropout: float = 0.0  # this probability (p_uncond of classifier-free guidance)
   grad_accum: int = 1  # micro-batches per step: the gradient of the whole batch, 1/grad_accum the activations
   cached_latents: bool = False  # latent diffusion: batches hold posterior moments instead of images
 
@@ -51,12 +54,14 @@ def apply_gradients(state: TrainState, loss: jax.Array, grads, tx: optax.Gradien
 
 def make_train_step(graphdef: nnx.GraphDef, process: Process, tx: optax.GradientTransformation,
                     schedule: optax.Schedule, settings: StepSettings, rng: jax.Array,
-                    codec: LatentCodec | None = None) -> Callable[[TrainState, Batch, Any], tuple[TrainState, dict]]:
+                    codec: LatentCodec | None = None,
+                    text: 'TextConditioner | None' = None) -> Callable[[TrainState, Batch, Any], tuple[TrainState, dict]]:
   """fn(state, batch, frozen): one optimizer step on one batch (with settings.grad_accum > 1, over that many
   micro-batches; dropout masks then differ from the full-batch step's, everything else is the same).
 
-  With a codec (latent diffusion) x0 is a posterior sample of the frozen VAE's latents of the batch, and
-  `frozen` is the VAE's (params, buffers); otherwise frozen is None.
+  `frozen` holds what the step reads but never trains: {'vae': the codec's (params, buffers) or None,
+  'text': the caption table or None}. With a codec (latent diffusion) x0 is a posterior sample of the frozen
+  VAE's latents of the batch; with a text conditioner the labels are caption ids, looked up in the table.
   """
 
   def draw(batch, key, frozen):
@@ -64,14 +69,15 @@ def make_train_step(graphdef: nnx.GraphDef, process: Process, tx: optax.Gradient
     nothing): model-space x0, labels after dropout, loss times and noise, and the dropout key."""
     k_data, k_flip, k_label, k_drop, k_loss = jax.random.split(key, 5)
     k_latent = jax.random.fold_in(key, 5)
+    vae = frozen['vae'] if frozen is not None else None
     if settings.cached_latents:
-      x0 = codec.sample(frozen, batch['image'], k_latent)
+      x0 = codec.sample(vae, batch['image'], k_latent)
     else:
       x0 = scaler.to_model(batch['image'], centered=settings.centered, dequantize=settings.dequantize, rng=k_data)
       if settings.random_flip:
         x0 = scaler.random_flip(x0, k_flip)
       if codec is not None:
-        x0 = codec.sample(frozen, codec.moments(frozen, x0), k_latent)
+        x0 = codec.sample(vae, codec.moments(vae, x0), k_latent)
     labels = None
     if settings.num_classes > 0:
       drop = jax.random.bernoulli(k_label, settings.label_dropout, batch['label'].shape)
@@ -79,9 +85,10 @@ def make_train_step(graphdef: nnx.GraphDef, process: Process, tx: optax.Gradient
     t, eps = losses.draw_noise(k_loss, x0, process, settings.loss)
     return {'x0': x0, 'labels': labels, 't': t, 'eps': eps}, k_drop
 
-  def loss_fn(params, buffers, drawn, k_drop):
+  def loss_fn(params, buffers, drawn, k_drop, frozen):
     model = nnx.merge(graphdef, params, buffers)
-    net_fn = lambda x, c, y: model(x, c, y, train=True, rngs=nnx.Rngs(dropout=k_drop))
+    cond = lambda y: text.lookup(frozen['text'], y) if text is not None else y
+    net_fn = lambda x, c, y: model(x, c, cond(y), train=True, rngs=nnx.Rngs(dropout=k_drop))
     model_fn = make_model_fn(net_fn, process, settings.prediction, settings.loss.sigma_data)
     loss, _ = losses.denoising_loss_at(model_fn, process, drawn['x0'], drawn['t'], drawn['eps'], settings.loss,
                                        cond=drawn['labels'])
@@ -91,7 +98,7 @@ def make_train_step(graphdef: nnx.GraphDef, process: Process, tx: optax.Gradient
     drawn, k_drop = draw(batch, key, frozen)
     a = settings.grad_accum
     if a == 1:
-      return jax.value_and_grad(loss_fn)(params, buffers, drawn, k_drop)
+      return jax.value_and_grad(loss_fn)(params, buffers, drawn, k_drop, frozen)
     b = drawn['x0'].shape[0]
     if b % a:
       raise ValueError(f'the per-step batch {b} is not divisible by grad_accum={a}')
@@ -99,7 +106,7 @@ def make_train_step(graphdef: nnx.GraphDef, process: Process, tx: optax.Gradient
 
     def accumulate(carry, xs):
       j, mb = xs
-      loss, grads = jax.value_and_grad(loss_fn)(params, buffers, mb, jax.random.fold_in(k_drop, j))
+      loss, grads = jax.value_and_grad(loss_fn)(params, buffers, mb, jax.random.fold_in(k_drop, j), frozen)
       return jax.tree.map(jnp.add, carry, (loss, grads)), None
 
     zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))

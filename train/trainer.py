@@ -67,13 +67,40 @@ def build_codec(config: ml_collections.ConfigDict) -> latent.LatentCodec | None:
   return codec
 
 
+def build_text(config: ml_collections.ConfigDict, workdir: str | None = None):
+  """The text conditioner of config.text (train/text.py), or None for models without text."""
+  x = config.text
+  if not x.encoder:
+    return None
+  if config.model.num_classes > 0:
+    raise ValueError('text.encoder and model.num_classes are exclusive: a text model is conditioned on captions')
+  from models import text as text_models
+  from train import text as text_lib
+  small = text_models.SmallTextConfig(vocab_size=0, width=x.small_width, layers=x.small_layers,
+                                      heads=x.small_heads, max_length=x.max_length)
+  cache_dir = x.cache_dir or (os.path.join(workdir, 'text') if workdir else None)
+  return text_lib.TextConditioner(text_lib.TextSettings(
+      encoder=x.encoder, path=x.path, max_length=x.max_length, mode=x.mode, use_pooled=x.use_pooled,
+      small=small if x.encoder == 'small' else None, cache_dir=cache_dir))
+
+
+def dataset_captions(config: ml_collections.ConfigDict, source=None) -> list[str]:
+  """The caption set of a text model's dataset (caption ids index it)."""
+  source = source if source is not None else build_source(config, config.data.split)
+  captions = getattr(source, 'captions', None)
+  if not captions:
+    raise ValueError(f'text.encoder={config.text.encoder!r} needs captions, and {config.data.dataset} has none; '
+                     "use a captioned dataset (e.g. data.dataset='mnist_captions' or 'composed_digits')")
+  return list(captions)
+
+
 def model_input_shape(config: ml_collections.ConfigDict, codec: latent.LatentCodec | None) -> tuple[int, int, int]:
   """[H, W, C] the diffusion model sees: pixels, or the codec's latents."""
   d = config.data
   return codec.latent_shape(d.image_size) if codec else (d.image_size, d.image_size, d.num_channels)
 
 
-def build_model(config: ml_collections.ConfigDict, rng: jax.Array, codec=None) -> nnx.Module:
+def build_model(config: ml_collections.ConfigDict, rng: jax.Array, codec=None, text=None) -> nnx.Module:
   m = config.model
   if is_autoencoder(config):
     return vae.VAEWithDiscriminator(build_vae_config(config), rngs=nnx.Rngs(params=rng))
@@ -83,6 +110,10 @@ def build_model(config: ml_collections.ConfigDict, rng: jax.Array, codec=None) -
   options = {k: m[k] for k in m.keys() if k not in ('name', 'prediction', 'sigma_data', 'z_channels')}
   options.update(image_size=size, in_channels=channels, ch_mult=tuple(m.ch_mult),
                  attn_resolutions=tuple(m.attn_resolutions))
+  if config.text.encoder and text is None:
+    raise ValueError('text.encoder is set: build the model with its text conditioner (build_text)')
+  if text is not None:
+    options.update(text.unet_options())
   return models.build_model(m.name, options, rngs=nnx.Rngs(params=rng))
 
 
@@ -113,14 +144,14 @@ def build_source(config: ml_collections.ConfigDict, split: str) -> sources.Image
                             data_dir=d.data_dir, resize=d.resize)
 
 
-def init_state(config: ml_collections.ConfigDict, codec: latent.LatentCodec | None = None):
+def init_state(config: ml_collections.ConfigDict, codec: latent.LatentCodec | None = None, text=None):
   """(graphdef, fresh TrainState, optimizer, lr schedule)."""
   def init(rng):
-    _, params, buffers = nnx.split(build_model(config, rng, codec), nnx.Param, ...)
+    _, params, buffers = nnx.split(build_model(config, rng, codec, text), nnx.Param, ...)
     return params, buffers
 
   rng_init = jax.random.fold_in(jax.random.key(config.seed), 0)
-  graphdef = nnx.graphdef(nnx.eval_shape(lambda: build_model(config, rng_init, codec)))
+  graphdef = nnx.graphdef(nnx.eval_shape(lambda: build_model(config, rng_init, codec, text)))
   params, buffers = jax.jit(init)(rng_init)  # one compiled program instead of op-by-op initialization
   o = config.optim
   tx, schedule = make_optimizer(o.optimizer, lr=o.lr, beta1=o.beta1, beta2=o.beta2, eps=o.eps,
@@ -134,28 +165,45 @@ def sampling_mesh(config: ml_collections.ConfigDict, batch_size: int) -> Mesh | 
   return mesh if batch_size % sharding.batch_parallelism(mesh) == 0 and mesh.size > 1 else None
 
 
-def make_generate_fn(config: ml_collections.ConfigDict, graphdef, process, codec, batch_size: int):
-  """The generator of config.sample's sampler for batches of batch_size (decoding latents with the codec)."""
+def make_generate_fn(config: ml_collections.ConfigDict, graphdef, process, codec, batch_size: int, text=None,
+                     table=None):
+  """The generator of config.sample's sampler for batches of batch_size (decoding latents with the codec;
+  a text model's labels are row ids of the caption table)."""
   settings, sample_fn = build_sampler(config)
   d, s = config.data, config.sample
   return generate.make_generate_fn(graphdef, process, prediction=config.model.prediction,
                                    sigma_data=config.model.sigma_data, sample_fn=sample_fn, settings=settings,
                                    shape=(batch_size, *model_input_shape(config, codec)), centered=d.centered,
-                                   guidance_scale=s.guidance_scale, null_label=config.model.num_classes,
-                                   mesh=sampling_mesh(config, batch_size), codec=codec)
+                                   guidance_scale=s.guidance_scale, guidance_rescale=s.guidance_rescale,
+                                   null_label=config.model.num_classes, mesh=sampling_mesh(config, batch_size),
+                                   codec=codec, text=text, table=table)
 
 
-def make_snapshot_fn(config: ml_collections.ConfigDict, graphdef, process, codec=None):
+def sample_conditions(config: ml_collections.ConfigDict, text=None, captions: list[str] | None = None):
+  """(caption table or None, number of labels to cycle through) of the samples: the classes of a
+  class-conditional model; sample.prompt alone, or else the dataset's captions, for a text model."""
+  if text is None:
+    if config.sample.prompt:
+      raise ValueError('sample.prompt needs a text model (text.encoder)')
+    return None, config.model.num_classes
+  prompts = [config.sample.prompt] if config.sample.prompt else captions
+  return text.table(prompts), len(prompts)
+
+
+def make_snapshot_fn(config: ml_collections.ConfigDict, graphdef, process, codec=None, text=None,
+                     captions: list[str] | None = None):
   """fn(state, path) writing a grid of EMA samples; returns (images, labels, nfe)."""
   s = config.sample
-  gen = make_generate_fn(config, graphdef, process, codec, s.batch_size)
+  table, num_labels = sample_conditions(config, text, captions)
+  gen = make_generate_fn(config, graphdef, process, codec, s.batch_size, text, table)
   rng = jax.random.fold_in(jax.random.key(config.seed), 2)
+  ncol = num_labels if 0 < num_labels <= 10 else (10 if num_labels % 10 == 0 else None)
 
   def snapshot(state: TrainState, path: str):
     imgs, labels, nfe = generate.generate_images(gen, state.ema_params, state.buffers, rng, s.num_samples,
-                                                 s.batch_size, config.model.num_classes, s.class_label)
+                                                 s.batch_size, num_labels, s.class_label)
     if jax.process_index() == 0:
-      image_io.save_grid(path, imgs, ncol=config.model.num_classes or None)  # one column per class
+      image_io.save_grid(path, imgs, ncol=ncol)  # one column per class (per digit of a caption set)
     return imgs, labels, nfe
 
   return snapshot
@@ -187,10 +235,11 @@ def _check_intervals(t: ml_collections.ConfigDict) -> None:
 
 
 def _training_source(config: ml_collections.ConfigDict, codec: latent.LatentCodec | None, workdir: str):
-  """The training split, or with latent.cache its cached VAE posterior moments."""
+  """(the training split, or with latent.cache its cached VAE posterior moments; the caption set or None)."""
   source = build_source(config, config.data.split)  # fails early on missing data or a size mismatch
+  captions = dataset_captions(config, source) if config.text.encoder else None
   if codec is None or not config.latent.cache:
-    return source
+    return source, captions
   if config.data.random_flip or config.data.uniform_dequantization:
     raise ValueError('latent.cache stores the latents of the unaugmented images: it cannot be combined with '
                      'data.random_flip or data.uniform_dequantization')
@@ -198,7 +247,7 @@ def _training_source(config: ml_collections.ConfigDict, codec: latent.LatentCode
   d = config.data
   name = re.sub(r'[^A-Za-z0-9+.-]+', '_', f'{d.dataset}_{d.split}_{d.image_size}px')
   return latent.cache_moments(codec, source, centered=d.centered, batch_size=config.eval.batch_size,
-                              cache_dir=cache_dir, name=name)
+                              cache_dir=cache_dir, name=name), captions
 
 
 # ---------------------------------------------------------------------------- the loop
@@ -213,11 +262,13 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
                      f'parallelism times training.grad_accum={t.grad_accum}')
   process = build_process(config)
   codec = build_codec(config)
-  source = _training_source(config, codec, workdir)
+  text = build_text(config, workdir)
+  source, captions = _training_source(config, codec, workdir)
   if config.model.num_classes > 0 and source.num_classes == 0:
     raise ValueError(f'model.num_classes={config.model.num_classes} but {config.data.dataset} has no labels')
+  table = text.table(captions) if text is not None else None  # row len(captions): the empty caption
 
-  graphdef, state, tx, schedule = init_state(config, codec)
+  graphdef, state, tx, schedule = init_state(config, codec, text)
   # The state lives on the mesh before a restore, so a checkpoint written on any other mesh is resharded
   # onto this one.
   state_sharding = sharding.state_shardings(state, mesh, config.parallel.fsdp_min_size)
@@ -241,11 +292,13 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
   else:
     settings = step_lib.StepSettings(
         prediction=config.model.prediction, loss=build_loss(config), ema_decay=t.ema_decay, centered=d.centered,
-        dequantize=d.uniform_dequantization, random_flip=d.random_flip, num_classes=config.model.num_classes,
+        dequantize=d.uniform_dequantization, random_flip=d.random_flip,
+        num_classes=len(captions) if text is not None else config.model.num_classes,
         label_dropout=t.label_dropout, grad_accum=t.grad_accum, cached_latents=codec is not None and config.latent.cache)
-    one_step = step_lib.make_train_step(graphdef, process, tx, schedule, settings, rng_train, codec)
-    snapshot = make_snapshot_fn(config, graphdef, process, codec)
-  frozen = jax.device_put(codec.frozen, sharding.replicated(mesh)) if codec is not None else None
+    one_step = step_lib.make_train_step(graphdef, process, tx, schedule, settings, rng_train, codec, text)
+    snapshot = make_snapshot_fn(config, graphdef, process, codec, text, captions)
+  frozen = jax.device_put({'vae': codec.frozen if codec is not None else None, 'text': table},
+                          sharding.replicated(mesh))
   train_fn = jax.jit(step_lib.multi_step(one_step, t.steps_per_call),
                      in_shardings=(state_sharding, batch_sharding, sharding.replicated(mesh)),
                      out_shardings=(state_sharding, sharding.replicated(mesh)), donate_argnums=0)
@@ -275,6 +328,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
   previous_handler = signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal=signum))
   logger = Logger(workdir, t.num_steps, start, t.progress_bar)
   where = f' latents of {codec.source} (scale {codec.scale:.4g})' if codec is not None else ''
+  if text is not None:
+    where += f', {len(captions):,} captions ({config.text.encoder} text encoder, {text.mode})'
   logger.info(f'training {config.model.name} on {config.data.dataset}{where}: {_param_count(state.params):,} '
               f'parameters, mesh {dict(mesh.shape)}, steps {start} -> {t.num_steps}')
 
@@ -330,14 +385,18 @@ def sample(config: ml_collections.ConfigDict, workdir: str) -> dict:
                      'with --mode=eval (reconstruction PSNR / rFID)')
   process = build_process(config)
   codec = build_codec(config)
-  graphdef, state, _, _ = init_state(config, codec)
+  text = build_text(config, workdir)
+  captions = dataset_captions(config) if text is not None and not config.sample.prompt else None
+  graphdef, state, _, _ = init_state(config, codec, text)
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'))
   state = ckpt.restore(state, config.sample.checkpoint_step)
   ckpt.close()
   step = int(state.step)
   s = config.sample
-  snapshot = make_snapshot_fn(config, graphdef, process, codec)
+  snapshot = make_snapshot_fn(config, graphdef, process, codec, text, captions)
   name = f'{s.sampler}_{s.num_steps}steps_step{step:08d}'
+  if s.prompt:
+    name += '_' + re.sub(r'[^a-z0-9]+', '_', s.prompt.lower()).strip('_')[:60]
   png = os.path.join(workdir, 'samples', f'{name}.png')
   t0 = time.perf_counter()
   imgs, labels, nfe = snapshot(state, png)
@@ -345,7 +404,7 @@ def sample(config: ml_collections.ConfigDict, workdir: str) -> dict:
   npz = os.path.join(workdir, 'samples', f'{name}.npz')
   np.savez_compressed(npz, images=imgs, labels=labels)
   info = {'png': png, 'npz': npz, 'step': step, 'sampler': s.sampler, 'nfe': nfe, 'num_samples': len(imgs),
-          'seconds': round(seconds, 2)}
+          'seconds': round(seconds, 2), **({'prompt': s.prompt} if s.prompt else {})}
   with open(os.path.join(workdir, 'samples', f'{name}.json'), 'w') as f:
     json.dump(info, f, indent=2)
   return info

@@ -15,11 +15,11 @@ def get_config():
   c.latent.cache = True
 
   c.process.name = 'vp'
-  c.model.nf = 64
+  c.model.nf = 32
   c.model.ch_mult = (1, 2, 2)  # 8x8 -> 4x4 -> 2x2
   c.model.num_res_blocks = 2
   c.model.attn_resolutions = (4,)
-  c.model.num_groups = 16
+  c.model.num_groups = 8
   c.model.dropout = 0.0
   c.model.resamp_with_conv = True
   c.model.skip_rescale = True
@@ -27,8 +27,8 @@ def get_config():
   c.optim.lr = 1e-3
   c.optim.warmup_steps = 200
   c.training.batch_size = 64
-  c.training.num_steps = 6000
-  c.training.snapshot_every = 2000
+  c.training.num_steps = 5000
+  c.training.snapshot_every = 1000
   c.training.checkpoint_every = 1000
 
   c.sample.sampler = 'ddim'
