@@ -11,7 +11,8 @@ CONFIGS = [
     'configs/mnist/ddpmpp_subvp.py', 'configs/mnist/ncsnpp_ve.py', 'configs/mnist/edm.py',
     'configs/cifar10/ddpm.py', 'configs/cifar10/ddpmpp_vp_continuous.py',
     'configs/cifar10/ncsnpp_ve_continuous.py', 'configs/mnist/vae_f4.py', 'configs/cifar10/vae_f4.py',
-    'configs/mnist/ldm_vp.py',
+    'configs/mnist/ldm_vp.py', 'configs/mnist/ldm_text_minilm.py', 'configs/composed/vae_f4.py',
+    'configs/composed/ldm_text_minilm.py',
 ]
 
 
@@ -86,13 +87,18 @@ def test_every_variant_builds(path, tmp_path):
     model = vae.AutoencoderKL(cfg, rngs=nnx.Rngs(0))
     config.latent.vae = vae_weights.save(str(tmp_path / 'vae'), cfg, nnx.state(model, nnx.Param), 1.0)
   codec = trainer.build_codec(config)
+  text = trainer.build_text(config)
   process = trainer.build_process(config)
-  model = nnx.eval_shape(lambda: trainer.build_model(config, jax.random.key(0), codec))
+  model = nnx.eval_shape(lambda: trainer.build_model(config, jax.random.key(0), codec, text))
   settings, _ = trainer.build_sampler(config)
   assert process.T > 0 and settings.num_steps > 0
   assert sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param))) > 0
   if codec is not None:
-    assert model.cfg.image_size == 8 and model.cfg.in_channels == 4 and settings.clip_range is None
+    assert model.cfg.image_size == config.data.image_size // 4 and model.cfg.in_channels == 4
+    assert settings.clip_range is None
+  if text is not None:  # cross-attention to the encoder's tokens (MiniLM: 384 wide)
+    assert model.cfg.context_dim == 384 and model.cfg.pooled_dim == 384
+    assert len(trainer.dataset_captions(config)) in (100, 15_000)
   if path.endswith('vae_f4.py'):
     assert model.vae.cfg.factor == 4
   if path.endswith('cifar10/ddpm.py'):

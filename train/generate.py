@@ -26,8 +26,8 @@ def make_generate_fn(graphdef: nnx.GraphDef, process: Process, *, prediction: st
   """A jitted fn(params, buffers, rng, labels | None) -> (uint8 images [B, H, W, C], nfe).
 
   `shape` is what the model sees; with a codec (latent diffusion) the sampled latents are decoded by its frozen
-  VAE. With labels and guidance_scale != 1, classifier-free guidance against `null_label` (NFE counts network
-  evaluations of the batch; a guided one evaluates it twice). A text model's labels are row ids of the
+  VAE. With labels and guidance_scale != 1, classifier-free guidance against `null_label` (NFE counts the
+  sampler's network evaluations; a guided one is one call on the doubled batch and counts once). A text model's labels are row ids of the
   caption `table` (its last row, the empty caption, is the null label). With a mesh, the batch is split over
   its data-like axes (the samples are the same as on one device: the noise is drawn for the global batch).
   """
