@@ -1,7 +1,8 @@
 """Entry point: python main.py --config=configs/mnist/edm.py --workdir=runs/mnist --mode=train
 
 Modes: train (resumes from the latest checkpoint in the workdir), sample (PNG grid + .npz from a checkpoint),
-eval (FID / KID / IS, optionally bits/dim, of checkpoints x samplers), fid_stats (reference statistics).
+eval (FID / KID / IS, optionally bits/dim, of checkpoints x samplers), fid_stats (reference statistics),
+tune_steps (a sampler's time grid fitted to a many-step teacher, for --config.sample.timesteps).
 Any key can be overridden with --config.a.b=value; an unknown key, a wrong type or a broken config file
 stops with one line naming it, before anything is compiled.
 """
@@ -14,7 +15,7 @@ import traceback
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-MODES = ('train', 'sample', 'eval', 'fid_stats')
+MODES = ('train', 'sample', 'eval', 'fid_stats', 'tune_steps')
 
 DEFAULT_CONFIG = 'configs/mnist/edm.py'
 FLAGS = flags.FLAGS
@@ -97,6 +98,10 @@ def main(argv: list[str]) -> None:
     elif FLAGS.mode == 'fid_stats':
       info = evaluation.fid_stats(config)
       print(f'reference statistics: {info["stats"]} ({"cached" if info["cached"] else "computed"})')
+    elif FLAGS.mode == 'tune_steps':
+      info = trainer.tune_steps(config, FLAGS.workdir)
+      print(f'tuned {info["num_steps"]} steps of {info["sampler"]} at step {info["step"]}: mean squared distance to '
+            f'{info["teacher"]} {info["initial_mse"]:.3g} -> {info["mse"]:.3g}; {info["json"]}\n{info["flag"]}')
     elif FLAGS.mode == 'eval':
       for row in evaluation.evaluate(config, FLAGS.workdir):
         print(evaluation.describe(row))

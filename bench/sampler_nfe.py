@@ -5,6 +5,10 @@ the exact model isolates each sampler's own discretization error. For every samp
 reports the sliced Wasserstein distance to fresh target samples and the total-variation error of the
 component weights, writes bench/results/sampler_nfe.{json,md,png}, and prints the markdown table.
 
+Rows marked "tuned steps" first fit their time grid (samplers/step_schedule.py) to a 200-step DPM-Solver++ 3M
+teacher on 2,048 prior draws of a different seed, then are measured like every other row (fresh noise, fresh
+target samples); they run at NFE <= 20, where the grid matters.
+
   python bench/sampler_nfe.py [--n 50000] [--process vp] [--samplers 'UniPC bh2 (order 2),DDPM ancestral']
 """
 
@@ -15,14 +19,22 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import dataclasses  # noqa: E402
+import time  # noqa: E402
+
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from diffusion import processes  # noqa: E402
 from diffusion.exact_score import GaussianMixture  # noqa: E402
 from samplers import get_sampler  # noqa: E402
+from samplers.step_schedule import TuneSettings, tune_timesteps  # noqa: E402
 
 NFES = (5, 10, 20, 50, 100, 1000)
+TUNED_NFES = (5, 10, 20)
+TEACHER = ('dpm_solver', {'order': 3, 'spacing': 'logsnr', 'num_steps': 200})
+TUNE = TuneSettings(num_iters=200, lr=0.05)
+TUNE_BATCH = 2048
 # name -> (sampler, options, steps for an NFE budget)
 SAMPLERS = {
     'DDPM ancestral': ('ddpm', {}, lambda n: n),
@@ -35,6 +47,10 @@ SAMPLERS = {
     'UniPC bh2 (order 2)': ('unipc', {'order': 2, 'unipc_variant': 'bh2', 'spacing': 'logsnr'}, lambda n: n),
     'UniPC bh2 (order 3)': ('unipc', {'order': 3, 'unipc_variant': 'bh2', 'spacing': 'logsnr'}, lambda n: n),
     'UniPC bh1 (order 2)': ('unipc', {'order': 2, 'unipc_variant': 'bh1', 'spacing': 'logsnr'}, lambda n: n),
+    'DPM-Solver++ 3M (tuned steps)': ('dpm_solver', {'order': 3, 'spacing': 'logsnr'}, lambda n: n),
+    'UniPC bh2 (order 2; tuned steps)': ('unipc', {'order': 2, 'unipc_variant': 'bh2', 'spacing': 'logsnr'},
+                                         lambda n: n),
+    'DDIM (eta=0; tuned steps)': ('ddim', {'spacing': 'logsnr'}, lambda n: n),
 }
 
 
@@ -63,17 +79,28 @@ def main():
   weights = np.asarray(mixture.weights)
 
   rows = []
+  model_fn = mixture.model_fn(process)
   for label in labels:
     name, options, steps_for = SAMPLERS[label]
-    for nfe_budget in NFES:
+    tuned = 'tuned steps' in label
+    for nfe_budget in TUNED_NFES if tuned else NFES:
       steps = max(steps_for(nfe_budget), 2)
       settings, fn = get_sampler(name, num_steps=steps, **options)
-      run = jax.jit(lambda r: fn(r, mixture.model_fn(process), process, (args.n, 4, 4, 1), settings))
+      extra = {}
+      if tuned:
+        teacher_settings, teacher_fn = get_sampler(TEACHER[0], **TEACHER[1])
+        start = time.perf_counter()
+        result = tune_timesteps(jax.random.key(100), model_fn, process, (TUNE_BATCH, 4, 4, 1), fn, settings,
+                                teacher_fn, teacher_settings, TUNE)
+        settings = dataclasses.replace(settings, timesteps=result.timesteps)
+        extra = dict(timesteps=[round(t, 6) for t in result.timesteps], tune_seconds=time.perf_counter() - start,
+                     tune_mse=[result.initial_loss, result.loss])
+      run = jax.jit(lambda r: fn(r, model_fn, process, (args.n, 4, 4, 1), settings))
       x, nfe = run(jax.random.key(3))
       x = np.asarray(x).reshape(args.n, -1)
       freq = np.bincount(np.asarray(mixture.component_posterior(x.reshape(args.n, 4, 4, 1))).argmax(-1), minlength=4)
-      rows.append(dict(sampler=label, nfe=int(nfe), steps=steps, sw=sliced_wasserstein(x, target),
-                       weight_tv=0.5 * float(np.abs(freq / args.n - weights).sum())))
+      rows.append(dict(sampler=label, budget=nfe_budget, nfe=int(nfe), steps=steps, sw=sliced_wasserstein(x, target),
+                       weight_tv=0.5 * float(np.abs(freq / args.n - weights).sum()), **extra))
       print(json.dumps(rows[-1]), flush=True)
 
   os.makedirs(args.out, exist_ok=True)
@@ -83,13 +110,16 @@ def main():
   lines = [f'Sliced Wasserstein distance to the target ({args.process}, {args.n} samples; two target draws differ by '
            f'{floor:.4f}; 1000-step DDPM: {ref:.4f})', '', '| sampler | ' + ' | '.join(f'~{n} NFE' for n in NFES) + ' |',
            '|---|' + '---|' * len(NFES)]
+  def cells(label, fmt):
+    by_budget = {r['budget']: r for r in rows if r['sampler'] == label}
+    return ' | '.join(fmt(by_budget[n]) if n in by_budget else '—' for n in NFES)
+
   for label in labels:
-    cells = [f"{r['sw']:.4f} ({r['nfe']})" for r in rows if r['sampler'] == label]
-    lines.append(f'| {label} | ' + ' | '.join(cells) + ' |')
+    lines.append(f'| {label} | ' + cells(label, lambda r: f"{r['sw']:.4f} ({r['nfe']})") + ' |')
   lines += ['', 'Total-variation error of the component weights (samples assigned by their exact posterior)', '',
             '| sampler | ' + ' | '.join(f'~{n} NFE' for n in NFES) + ' |', '|---|' + '---|' * len(NFES)]
   for label in labels:
-    lines.append(f'| {label} | ' + ' | '.join(f"{r['weight_tv']:.4f}" for r in rows if r['sampler'] == label) + ' |')
+    lines.append(f'| {label} | ' + cells(label, lambda r: f"{r['weight_tv']:.4f}") + ' |')
   table = '\n'.join(lines)
   with open(os.path.join(args.out, 'sampler_nfe.md'), 'w') as f:
     f.write(table + '\n')

@@ -158,6 +158,8 @@ def get_config() -> config_dict.ConfigDict:
   c.sample.s_noise = 1.0
   c.sample.spacing = 'linspace'  # linspace | logsnr | karras (any process); leading | trailing (ddpm)
   c.sample.rho = 7.0  # karras spacing exponent
+  c.sample.timesteps = ()  # an explicit decreasing time grid (e.g. tuned: samplers/step_schedule.py); () uses
+  #                           num_steps points of `spacing`, a grid sets num_steps to its length
   c.sample.t_end = placeholder(float)  # last time before the final denoising; None: the process's default
   c.sample.denoise = True  # finish with x0 = E[x_0 | x_t_end] (noise removal)
   c.sample.clip_x0 = True  # clip predicted x0 to the data range (pixel space only)
@@ -168,6 +170,14 @@ def get_config() -> config_dict.ConfigDict:
   c.sample.guidance_rescale = 0.0  # phi in [0, 1]: rescale the guided eps to the conditional one's std
   c.sample.prompt = placeholder(str)  # text models: every sample from this prompt; None: the dataset's captions
   c.sample.checkpoint_step = placeholder(int)  # --mode=sample: None takes the latest checkpoint
+
+  # ---------------------------------------------------------------- step tuning (--mode=tune_steps)
+  c.tune = config_dict.ConfigDict()  # a grid for sample.sampler x sample.num_steps fitted to a teacher
+  c.tune.teacher = 'dpm_solver:200'  # 'sampler:num_steps', the rest from sample.*
+  c.tune.num_iters = 200  # Adam steps
+  c.tune.lr = 0.05
+  c.tune.batch_size = 256  # prior draws the grid is fitted on (labels cycle through the classes / captions)
+  c.tune.t_min = placeholder(float)  # lowest last time allowed; None: the process's t_eps
 
   # ---------------------------------------------------------------- evaluation (--mode=eval / fid_stats)
   c.eval = config_dict.ConfigDict()

@@ -20,10 +20,15 @@ def get_sampler(name: str, **options: Any) -> tuple[Any, Callable]:
   """(settings, sample_fn) for a sampler; `options` may hold more keys than the sampler takes.
 
   Only the fields of the sampler's settings dataclass are read from `options`, so one flat config section
-  serves every sampler.
+  serves every sampler. Non-empty `timesteps` (an explicit grid) set num_steps to their number.
   """
   if name not in SAMPLERS:
     raise ValueError(f'unknown sampler {name!r}; choose one of {sorted(SAMPLERS)}')
   cls, fn = SAMPLERS[name]
   fields = {f.name for f in dataclasses.fields(cls)}
+  timesteps = options.get('timesteps')
+  if timesteps is not None and len(timesteps) and 'timesteps' in fields:
+    options = {**options, 'timesteps': tuple(timesteps), 'num_steps': len(timesteps)}  # checked by the grid
+  elif 'timesteps' in options:
+    options = {**options, 'timesteps': None}
   return cls(**{k: v for k, v in options.items() if k in fields}), fn

@@ -24,6 +24,7 @@ class AncestralSettings:
   num_steps: int = 1000
   spacing: str = 'linspace'
   t_end: float | None = None
+  timesteps: tuple[float, ...] | None = None  # an explicit decreasing grid (overrides num_steps / spacing)
   rho: float = 7.0  # karras spacing
   denoise: bool = True
   clip_range: tuple[float, float] | None = None
@@ -50,6 +51,6 @@ def make_step(model_fn: ModelFn, process: Process, settings: AncestralSettings, 
 
 def sample(rng: jax.Array, model_fn: ModelFn, process: Process, shape: tuple[int, ...],
            settings: AncestralSettings, cond: Any = None) -> tuple[jax.Array, int]:
-  ts = base.time_grid(process, settings.num_steps, settings.spacing, settings.t_end, settings.rho)
+  ts = base.settings_grid(process, settings)
   return base.run_grid(rng, model_fn, process, shape, ts, make_step(model_fn, process, settings, cond),
                        nfe_per_step=1, denoise=settings.denoise, clip_range=settings.clip_range, cond=cond)

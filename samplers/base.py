@@ -34,6 +34,31 @@ def time_grid(process: Process, num_steps: int, spacing: str = 'linspace', t_end
     return _time_grid(process, int(num_steps), spacing, t_end, rho)
 
 
+def settings_grid(process: Process, settings: Any, spacing: str | None = None) -> Array:
+  """The time grid a sampler's settings ask for: their explicit `timesteps` when given (e.g. a grid tuned by
+  samplers/step_schedule.py), otherwise `num_steps` points of `spacing` (default settings.spacing)."""
+  timesteps = getattr(settings, 'timesteps', None)
+  if timesteps is not None and len(timesteps):
+    return explicit_grid(process, timesteps, settings.num_steps)
+  return time_grid(process, settings.num_steps, spacing or settings.spacing, settings.t_end,
+                   getattr(settings, 'rho', 7.0))
+
+
+def explicit_grid(process: Process, timesteps: Any, num_steps: int | None = None) -> Array:
+  """A given decreasing grid [K] as an array. Concrete grids are checked (decreasing, inside (0, T], K equal
+  to num_steps when given); a traced grid (optimized by gradient descent) passes through unchanged."""
+  if isinstance(timesteps, jax.core.Tracer):
+    return timesteps
+  ts = np.asarray(timesteps, np.float64)
+  if ts.ndim != 1 or ts.size < 1:
+    raise ValueError(f'timesteps must be a 1-d sequence of times, got shape {ts.shape}')
+  if num_steps is not None and ts.size != num_steps:
+    raise ValueError(f'{ts.size} timesteps given but num_steps={num_steps}')
+  if not np.all(np.diff(ts) < 0) or ts[-1] <= 0 or ts[0] > float(process.T) * (1 + 1e-6):
+    raise ValueError(f'timesteps must decrease strictly inside (0, T={float(process.T):g}], got {ts.tolist()}')
+  return jnp.asarray(ts, jnp.float32)
+
+
 def _time_grid(process: Process, k: int, spacing: str, t_end: float | None, rho: float) -> Array:
   if k < 1:
     raise ValueError(f'num_steps must be >= 1, got {k}')

@@ -24,6 +24,7 @@ class DDIMSettings:
   eta: float = 0.0
   spacing: str = 'linspace'
   t_end: float | None = None
+  timesteps: tuple[float, ...] | None = None  # an explicit decreasing grid (overrides num_steps / spacing)
   rho: float = 7.0  # karras spacing
   denoise: bool = True
   clip_range: tuple[float, float] | None = None  # clip predicted x0 (pixel space), e.g. (-1, 1)
@@ -41,15 +42,15 @@ def make_step(model_fn: ModelFn, process: Process, settings: DDIMSettings, cond:
   def step(x, t, s, rng):
     x0, eps = model_fn(x, base.broadcast_t(t, x), cond)
     x0 = base.clip_x0(x0, settings.clip_range)
-    c2 = settings.eta ** 2 * posterior_variance(process, t, s)
-    direction = jnp.sqrt(jnp.maximum(process.sigma(s) ** 2 - c2, 0.0)) * eps
-    return process.alpha(s) * x0 + direction + jnp.sqrt(c2) * jax.random.normal(rng, x.shape)
+    std = settings.eta * jnp.sqrt(posterior_variance(process, t, s))  # (eta a constant: finite grads at 0)
+    direction = jnp.sqrt(jnp.maximum(process.sigma(s) ** 2 - std ** 2, 0.0)) * eps
+    return process.alpha(s) * x0 + direction + std * jax.random.normal(rng, x.shape)
 
   return step
 
 
 def sample(rng: jax.Array, model_fn: ModelFn, process: Process, shape: tuple[int, ...],
            settings: DDIMSettings, cond: Any = None) -> tuple[jax.Array, int]:
-  ts = base.time_grid(process, settings.num_steps, settings.spacing, settings.t_end, settings.rho)
+  ts = base.settings_grid(process, settings)
   return base.run_grid(rng, model_fn, process, shape, ts, make_step(model_fn, process, settings, cond),
                        nfe_per_step=1, denoise=settings.denoise, clip_range=settings.clip_range, cond=cond)

@@ -25,6 +25,7 @@ class DPMSolverSettings:
   order: int = 2
   spacing: str = 'logsnr'  # logsnr (DPM-Solver's choice for small images) | linspace | karras | leading | ...
   t_end: float | None = None
+  timesteps: tuple[float, ...] | None = None  # an explicit decreasing grid (overrides num_steps / spacing)
   rho: float = 7.0
   lower_order_final: bool = True
   clip_range: tuple[float, float] | None = None
@@ -35,7 +36,7 @@ def sample(rng: jax.Array, model_fn: ModelFn, process: Process, shape: tuple[int
   if settings.order not in (1, 2, 3):
     raise ValueError(f'DPM-Solver++ order must be 1, 2 or 3, got {settings.order}')
   k = settings.num_steps
-  ts = base.time_grid(process, k, settings.spacing, settings.t_end, settings.rho)  # [K]
+  ts = base.settings_grid(process, settings)  # [K]
   lam = 0.5 * process.log_snr(ts)  # [K]
   x = process.prior_sample(jax.random.split(rng)[0], shape)  # the prior draw every sampler makes from rng
 
@@ -63,8 +64,9 @@ def sample(rng: jax.Array, model_fn: ModelFn, process: Process, shape: tuple[int
     x2 = x1 - 0.5 * a_t * phi * d1_0
     r1 = (lam[jnp.maximum(i - 1, 0)] - lam[jnp.maximum(i - 2, 0)]) / h
     d1_1 = (m1 - m2) / jnp.where(i >= 2, r1, 1.0)
-    d1 = d1_0 + r0 / (r0 + r1) * (d1_0 - d1_1)
-    d2 = (d1_0 - d1_1) / (r0 + r1)
+    r01 = jnp.where(i >= 1, r0 + r1, 1.0)  # 0 at i = 0, where order 3 is not taken (a safe divisor for grads)
+    d1 = d1_0 + r0 / r01 * (d1_0 - d1_1)
+    d2 = (d1_0 - d1_1) / r01
     x3 = x1 + a_t * (phi / h + 1) * d1 - a_t * ((phi + h) / h ** 2 - 0.5) * d2
     order = order_at(i)
     x_next = jnp.where(order == 1, x1, jnp.where(order == 2, x2, x3))

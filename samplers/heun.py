@@ -23,6 +23,7 @@ class HeunSettings:
   num_steps: int = 18  # noise levels before the final s = 0
   rho: float = 7.0
   t_end: float | None = None
+  timesteps: tuple[float, ...] | None = None  # an explicit decreasing grid (overrides num_steps / spacing)
   s_churn: float = 0.0
   s_min: float = 0.0
   s_max: float = float('inf')
@@ -32,7 +33,7 @@ class HeunSettings:
 def sample(rng: jax.Array, model_fn: ModelFn, process: Process, shape: tuple[int, ...], settings: HeunSettings,
            cond: Any = None) -> tuple[jax.Array, int]:
   k = settings.num_steps
-  ts = base.time_grid(process, k, 'karras', settings.t_end, settings.rho)  # [K]
+  ts = base.settings_grid(process, settings, 'karras')  # [K]
   levels = process.sigma(ts) / process.alpha(ts)  # [K] noise levels s_i, decreasing
   rng_prior, rng_loop = jax.random.split(rng)
   x_hat = process.prior_sample(rng_prior, shape) / process.alpha(ts[0])

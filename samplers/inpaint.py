@@ -57,7 +57,7 @@ def replacement_sample(rng: jax.Array, model_fn: ModelFn, process: Process, samp
     noised = process.alpha(s) * known_t + process.sigma(s) * jax.random.normal(rng_noise, known.shape)
     return replace(x, noised)
 
-  ts = base.time_grid(process, settings.num_steps, settings.spacing, settings.t_end, settings.rho)
+  ts = base.settings_grid(process, settings)
   clip_range = getattr(settings, 'clip_range', None)
   x, nfe = base.run_grid(rng, model_fn, process, known.shape, ts, step, nfe_per_step=nfe_per_step(settings),
                          denoise=settings.denoise, clip_range=clip_range, cond=cond)

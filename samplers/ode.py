@@ -27,6 +27,7 @@ class ODESettings:
   rtol: float = 1e-5
   atol: float = 1e-5
   t_end: float | None = None
+  timesteps: tuple[float, ...] | None = None  # an explicit decreasing grid (overrides num_steps / spacing)
   denoise: bool = True
   ode_max_steps: int = 4096
 
@@ -64,10 +65,12 @@ def solve_flow(model_fn: ModelFn, process: Process, x: jax.Array, ts: jax.Array,
 def sample(rng: jax.Array, model_fn: ModelFn, process: Process, shape: tuple[int, ...], settings: ODESettings,
            cond: Any = None) -> tuple[jax.Array, jax.Array]:
   if settings.ode_method == 'dopri5':
+    if settings.timesteps:
+      raise ValueError('timesteps set a fixed grid: use ode_method=euler or heun (dopri5 chooses its own steps)')
     t_end = process.sample_t_end if settings.t_end is None else settings.t_end
     ts = jnp.array([process.T, t_end], jnp.float32)
   else:
-    ts = base.time_grid(process, settings.num_steps, settings.spacing, settings.t_end, settings.rho)
+    ts = base.settings_grid(process, settings)
   x = process.prior_sample(jax.random.split(rng)[0], shape)  # the prior draw every sampler makes from rng
   x, nfe = solve_flow(model_fn, process, x, ts, settings, cond)
   if settings.denoise:

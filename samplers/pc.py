@@ -38,6 +38,7 @@ class PCSettings:
   spacing: str = 'linspace'
   rho: float = 7.0
   t_end: float | None = None
+  timesteps: tuple[float, ...] | None = None  # an explicit decreasing grid (overrides num_steps / spacing)
   denoise: bool = True
 
 
@@ -100,6 +101,6 @@ def nfe_per_step(settings: PCSettings) -> int:
 
 def sample(rng: jax.Array, model_fn: ModelFn, process: Process, shape: tuple[int, ...], settings: PCSettings,
            cond: Any = None) -> tuple[jax.Array, int]:
-  ts = base.time_grid(process, settings.num_steps, settings.spacing, settings.t_end, settings.rho)
+  ts = base.settings_grid(process, settings)
   return base.run_grid(rng, model_fn, process, shape, ts, make_step(model_fn, process, settings, cond),
                        nfe_per_step=nfe_per_step(settings), denoise=settings.denoise, cond=cond)

@@ -28,6 +28,7 @@ class UniPCSettings:
   unipc_variant: str = 'bh2'  # bh1: B(h) = -h | bh2: B(h) = e^-h - 1
   spacing: str = 'logsnr'
   t_end: float | None = None
+  timesteps: tuple[float, ...] | None = None  # an explicit decreasing grid (overrides num_steps / spacing)
   rho: float = 7.0
   lower_order_final: bool = True
   clip_range: tuple[float, float] | None = None
@@ -72,7 +73,7 @@ def sample(rng: jax.Array, model_fn: ModelFn, process: Process, shape: tuple[int
   if settings.unipc_variant not in ('bh1', 'bh2'):
     raise ValueError(f"unknown unipc_variant {settings.unipc_variant!r}; choose 'bh1' or 'bh2'")
   k = settings.num_steps
-  ts = base.time_grid(process, k, settings.spacing, settings.t_end, settings.rho)  # [K]
+  ts = base.settings_grid(process, settings)  # [K]
   lam = 0.5 * process.log_snr(ts)  # [K]
   alpha, sigma = process.alpha(ts), process.sigma(ts)
   x = process.prior_sample(jax.random.split(rng)[0], shape)  # the prior draw every sampler makes from rng
@@ -82,16 +83,17 @@ def sample(rng: jax.Array, model_fn: ModelFn, process: Process, shape: tuple[int
     x0, _ = model_fn(x, base.broadcast_t(ts[i], x), cond)
     return base.clip_x0(x0, settings.clip_range)
 
-  def ratio(j, i, h, available):
-    """(lambda_j - lambda_i) / h, or 1 where grid point j does not exist yet (the branch is not selected)."""
-    return jnp.where(available, (lam[jnp.maximum(j, 0)] - lam[i]) / h, 1.0)
+  def ratio(j, i, h, available, missing):
+    """(lambda_j - lambda_i) / h, or `missing` where grid point j does not exist yet. That branch is not
+    selected; distinct negative stand-ins keep its linear systems regular, so its gradients stay finite."""
+    return jnp.where(available, (lam[jnp.maximum(j, 0)] - lam[i]) / h, missing)
 
   def update(x_s, s, t, m_s, m_a, m_b, m_t, order, corrector):
     """One UniP (corrector=False) or UniC (m_t: the model at t) update from grid point s to t; m_a, m_b are
     the x0 predictions one and two grid points before s."""
     h = lam[t] - lam[s]
     b, b_h, h_phi_1 = _b(h, variant)
-    r1, r2 = ratio(s - 1, s, h, s >= 1), ratio(s - 2, s, h, s >= 2)
+    r1, r2 = ratio(s - 1, s, h, s >= 1, -1.0), ratio(s - 2, s, h, s >= 2, -2.0)
     d1, d2 = (m_a - m_s) / r1, (m_b - m_s) / r2
     x1 = sigma[t] / sigma[s] * x_s - alpha[t] * h_phi_1 * m_s
     if corrector:

@@ -8,7 +8,6 @@ split over the global mesh), process 0 alone writes, and whether a result alread
 process 0 for all, so every host makes the same collective calls.
 """
 
-import copy
 import hashlib
 import json
 import os
@@ -185,7 +184,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
                      '(set eval.bpd=False)')
   plan = _parse_samplers(config)
   for name, _ in plan:
-    trainer.build_sampler(_with_sampler(config, name, 2))  # an unknown sampler fails before any work
+    trainer.build_sampler(trainer.with_sampler(config, name, 2))  # an unknown sampler fails before any work
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'))
   steps = _select_steps(ckpt.all_steps(), e.checkpoints)
 
@@ -229,7 +228,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
         continue
       if state is None:
         state = ckpt.restore(state_like, step)
-      gen = trainer.make_generate_fn(_with_sampler(config, name, num_steps), graphdef, process, codec,
+      gen = trainer.make_generate_fn(trainer.with_sampler(config, name, num_steps), graphdef, process, codec,
                                      e.batch_size, text, table)
       rng = jax.random.fold_in(jax.random.key(config.seed), 3)
       t0 = time.perf_counter()
@@ -347,7 +346,7 @@ def _binding(config, eval_dir: str, step: int, state, graphdef, process, codec, 
   rng = jax.random.fold_in(jax.random.key(config.seed), 6)
   rows = []
   for scale in e.guidance_scales:
-    c = _with_sampler(config, name, num_steps)
+    c = trainer.with_sampler(config, name, num_steps)
     c.sample.guidance_scale = float(scale)
     gen = trainer.make_generate_fn(c, graphdef, process, codec, e.batch_size, text, table)
     t0 = time.perf_counter()
@@ -379,12 +378,6 @@ def describe(row: dict) -> str:
   scores = ', '.join(f'{k} {row[k]:.4g}' for k in ('fid', 'kid', 'is', 'precision', 'recall', 'bpd') if k in row)
   return (f"step {row['step']} {row['sampler']} {row['num_steps']} steps ({row['nfe']} NFE), "
           f"{row['num_samples']} samples: {scores}")
-
-
-def _with_sampler(config: ml_collections.ConfigDict, name: str, num_steps: int) -> ml_collections.ConfigDict:
-  c = copy.deepcopy(config)
-  c.sample.sampler, c.sample.num_steps = name, num_steps
-  return c
 
 
 def _generated_features(gen, state, rng, extractor, config, num_labels: int, desc: str):

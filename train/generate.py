@@ -18,6 +18,16 @@ if TYPE_CHECKING:
   from train.text import Table, TextConditioner
 
 
+def guided_model_fn(model: nnx.Module, process: Process, *, prediction: str, sigma_data: float,
+                    guidance_scale: float = 1.0, guidance_rescale: float = 0.0, null_label: int = 0,
+                    text: 'TextConditioner | None' = None, table: 'Table | None' = None):
+  """The model_fn(x, t, labels) -> (x0, eps) a sampler calls: the network's output in its parameterization,
+  a text model's labels looked up in the caption table, and classifier-free guidance against null_label."""
+  cond = (lambda y: text.lookup(table, y)) if text is not None else (lambda y: y)
+  model_fn = make_model_fn(lambda x, c, y: model(x, c, cond(y)), process, prediction, sigma_data)
+  return classifier_free_guidance(model_fn, guidance_scale, jnp.int32(null_label), guidance_rescale, process)
+
+
 def make_generate_fn(graphdef: nnx.GraphDef, process: Process, *, prediction: str, sigma_data: float,
                      sample_fn: Callable, settings: Any, shape: tuple[int, ...], centered: bool,
                      guidance_scale: float = 1.0, guidance_rescale: float = 0.0, null_label: int = 0, mesh=None,
@@ -35,10 +45,10 @@ def make_generate_fn(graphdef: nnx.GraphDef, process: Process, *, prediction: st
     null_label = len(table['mask']) - 1
 
   def generate(params, buffers, rng, labels, frozen):
-    model = nnx.merge(graphdef, params, buffers)
-    cond = (lambda y: text.lookup(frozen['text'], y)) if text is not None else (lambda y: y)
-    model_fn = make_model_fn(lambda x, c, y: model(x, c, cond(y)), process, prediction, sigma_data)
-    model_fn = classifier_free_guidance(model_fn, guidance_scale, jnp.int32(null_label), guidance_rescale, process)
+    model_fn = guided_model_fn(nnx.merge(graphdef, params, buffers), process, prediction=prediction,
+                               sigma_data=sigma_data, guidance_scale=guidance_scale,
+                               guidance_rescale=guidance_rescale, null_label=null_label, text=text,
+                               table=frozen['text'])
     x, nfe = sample_fn(rng, model_fn, process, shape, settings, labels)
     if codec is not None:
       x = codec.decode(frozen['vae'], x)

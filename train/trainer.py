@@ -4,6 +4,7 @@ Besides main.py this is the only module that reads the ConfigDict; it turns each
 arguments of the modules it builds (`build_*`). Read it top to bottom: set-up, resume, the loop.
 """
 
+import copy
 import dataclasses
 import json
 import os
@@ -28,6 +29,7 @@ from train import autoencoder, checkpoint, generate, latent, sharding, step as s
 from train.logger import Logger
 from train.optimizer import make_optimizer
 from train.state import TrainState
+from samplers import step_schedule
 
 
 class TrainingDiverged(RuntimeError):
@@ -131,6 +133,16 @@ def build_sampler(config: ml_collections.ConfigDict):
   clip = s.clip_x0 and not config.latent.vae
   options['clip_range'] = scaler.data_range(config.data.centered) if clip else None
   return samplers.get_sampler(s.sampler, **options)
+
+
+def with_sampler(config: ml_collections.ConfigDict, name: str, num_steps: int) -> ml_collections.ConfigDict:
+  """A copy of config sampling with `name` and num_steps; sample.timesteps carry over only if they have
+  num_steps points (a tuned grid belongs to one step count)."""
+  c = copy.deepcopy(config)
+  c.sample.sampler, c.sample.num_steps = name, num_steps
+  if len(c.sample.timesteps) != num_steps:
+    c.sample.timesteps = ()
+  return c
 
 
 def build_mesh(config: ml_collections.ConfigDict) -> Mesh:
@@ -408,3 +420,55 @@ def sample(config: ml_collections.ConfigDict, workdir: str) -> dict:
   with open(os.path.join(workdir, 'samples', f'{name}.json'), 'w') as f:
     json.dump(info, f, indent=2)
   return info
+
+
+def tune_steps(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """--mode=tune_steps: the time grid of sample.sampler with sample.num_steps, fitted on a checkpoint's EMA
+  model to tune.teacher from the same noise (samplers/step_schedule.py). Writes
+  <workdir>/timesteps/<sampler>_<K>steps_step<N>.json with the grid and the --config flag that uses it."""
+  if is_autoencoder(config):
+    raise ValueError('--mode=tune_steps tunes a diffusion sampler; model.name=vae has none')
+  process, codec, text = build_process(config), build_codec(config), build_text(config, workdir)
+  captions = dataset_captions(config) if text is not None and not config.sample.prompt else None
+  graphdef, state, _, _ = init_state(config, codec, text)
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'))
+  state = ckpt.restore(state, config.sample.checkpoint_step)
+  ckpt.close()
+  s, t = config.sample, config.tune
+  settings, sample_fn = build_sampler(config)
+  name, _, steps = t.teacher.partition(':')
+  if not steps.isdigit():
+    raise ValueError(f"tune.teacher={t.teacher!r} is not 'sampler:num_steps' (e.g. 'dpm_solver:200')")
+  teacher_config = with_sampler(config, name, int(steps))
+  teacher_settings, teacher_fn = build_sampler(teacher_config)
+  table, num_labels = sample_conditions(config, text, captions)
+  labels = None
+  if num_labels > 0:
+    labels = jnp.asarray(np.full(t.batch_size, s.class_label) if s.class_label is not None
+                         else np.arange(t.batch_size) % num_labels, jnp.int32)
+  null_label = len(table['mask']) - 1 if text is not None else config.model.num_classes
+
+  def make_model_fn(args):
+    params, buffers, table = args
+    return generate.guided_model_fn(nnx.merge(graphdef, params, buffers), process,
+                                    prediction=config.model.prediction, sigma_data=config.model.sigma_data,
+                                    guidance_scale=s.guidance_scale, guidance_rescale=s.guidance_rescale,
+                                    null_label=null_label, text=text, table=table)
+
+  t0 = time.perf_counter()
+  result = step_schedule.tune_timesteps(
+      jax.random.fold_in(jax.random.key(config.seed), 5), make_model_fn, process,
+      (t.batch_size, *model_input_shape(config, codec)), sample_fn, settings, teacher_fn, teacher_settings,
+      step_schedule.TuneSettings(num_iters=t.num_iters, lr=t.lr, t_min=t.t_min), cond=labels,
+      model_args=(state.ema_params, state.buffers, table))
+  grid = ', '.join(f'{x:.6g}' for x in result.timesteps)
+  info = {'sampler': s.sampler, 'num_steps': len(result.timesteps), 'step': int(state.step),
+          'teacher': t.teacher, 'timesteps': list(result.timesteps), 'initial_mse': result.initial_loss,
+          'mse': result.loss, 'seconds': round(time.perf_counter() - t0, 1),
+          'flag': f'--config.sample.timesteps="({grid})"'}
+  out = os.path.join(workdir, 'timesteps', f'{s.sampler}_{info["num_steps"]}steps_step{info["step"]:08d}.json')
+  if jax.process_index() == 0:
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with open(out, 'w') as f:
+      json.dump(info, f, indent=1)
+  return {**info, 'json': out}
