@@ -101,7 +101,7 @@ def tune_timesteps(rng: Array, model_fn: ModelFn, process: Process, shape: tuple
     new_params, opt_state, loss = update(params, opt_state, model_args)
     loss = float(loss)  # the loss of `params`, before this update
     if not np.isfinite(loss):
-      raise FloatingPointError(f'step-schedule tuning diverged (loss {loss}); lower the learning rate')
+      raise ValueError(f'step-schedule tuning diverged (loss {loss}); lower tune.lr')
     losses.append(loss)
     if loss < best[0]:
       best = (loss, params)
