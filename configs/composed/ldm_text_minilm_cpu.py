@@ -26,7 +26,7 @@ def get_config():
   c.training.batch_size = 64
   c.training.num_steps = 4000
   c.training.snapshot_every = 1000
-  c.training.checkpoint_every = 1000
+  c.training.checkpoint_every = 500
 
   c.eval.guidance_scales = (1.0, 3.0, 5.0)
   c.eval.binding_num_images = 300  # 10 of each of the 30 colour pairs
