@@ -22,7 +22,10 @@ def guided_model_fn(model: nnx.Module, process: Process, *, prediction: str, sig
                     guidance_scale: float = 1.0, guidance_rescale: float = 0.0, null_label: int = 0,
                     text: 'TextConditioner | None' = None, table: 'Table | None' = None):
   """The model_fn(x, t, labels) -> (x0, eps) a sampler calls: the network's output in its parameterization,
-  a text model's labels looked up in the caption table, and classifier-free guidance against null_label."""
+  a text model's labels looked up in the caption table, and classifier-free guidance against null_label (a text
+  model's is the table's last row, the empty caption)."""
+  if text is not None:
+    null_label = table['mask'].shape[0] - 1
   cond = (lambda y: text.lookup(table, y)) if text is not None else (lambda y: y)
   model_fn = make_model_fn(lambda x, c, y: model(x, c, cond(y)), process, prediction, sigma_data)
   return classifier_free_guidance(model_fn, guidance_scale, jnp.int32(null_label), guidance_rescale, process)
@@ -41,9 +44,6 @@ def make_generate_fn(graphdef: nnx.GraphDef, process: Process, *, prediction: st
   caption `table` (its last row, the empty caption, is the null label). With a mesh, the batch is split over
   its data-like axes (the samples are the same as on one device: the noise is drawn for the global batch).
   """
-  if text is not None:
-    null_label = len(table['mask']) - 1
-
   def generate(params, buffers, rng, labels, frozen):
     model_fn = guided_model_fn(nnx.merge(graphdef, params, buffers), process, prediction=prediction,
                                sigma_data=sigma_data, guidance_scale=guidance_scale,

@@ -21,6 +21,7 @@ from jax.sharding import Mesh
 
 import models
 import samplers
+from samplers import step_schedule
 from data import images as image_io
 from data import pipeline, scaler, sources
 from diffusion import losses, processes
@@ -29,7 +30,6 @@ from train import autoencoder, checkpoint, generate, latent, sharding, step as s
 from train.logger import Logger
 from train.optimizer import make_optimizer
 from train.state import TrainState
-from samplers import step_schedule
 
 
 class TrainingDiverged(RuntimeError):
@@ -390,19 +390,23 @@ def _param_count(params) -> int:
   return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
 
 
-def sample(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """--mode=sample: EMA samples from a checkpoint as a PNG grid and an .npz of uint8 images and labels."""
-  if is_autoencoder(config):
-    raise ValueError('--mode=sample draws from diffusion models; an autoencoder (model.name=vae) is evaluated '
-                     'with --mode=eval (reconstruction PSNR / rFID)')
-  process = build_process(config)
-  codec = build_codec(config)
-  text = build_text(config, workdir)
+def _restore_for_sampling(config: ml_collections.ConfigDict, workdir: str):
+  """(process, codec, text, captions, graphdef, state) of sample.checkpoint_step (None: the latest)."""
+  process, codec, text = build_process(config), build_codec(config), build_text(config, workdir)
   captions = dataset_captions(config) if text is not None and not config.sample.prompt else None
   graphdef, state, _, _ = init_state(config, codec, text)
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'))
   state = ckpt.restore(state, config.sample.checkpoint_step)
   ckpt.close()
+  return process, codec, text, captions, graphdef, state
+
+
+def sample(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """--mode=sample: EMA samples from a checkpoint as a PNG grid and an .npz of uint8 images and labels."""
+  if is_autoencoder(config):
+    raise ValueError('--mode=sample draws from diffusion models; an autoencoder (model.name=vae) is evaluated '
+                     'with --mode=eval (reconstruction PSNR / rFID)')
+  process, codec, text, captions, graphdef, state = _restore_for_sampling(config, workdir)
   step = int(state.step)
   s = config.sample
   snapshot = make_snapshot_fn(config, graphdef, process, codec, text, captions)
@@ -428,12 +432,7 @@ def tune_steps(config: ml_collections.ConfigDict, workdir: str) -> dict:
   <workdir>/timesteps/<sampler>_<K>steps_step<N>.json with the grid and the --config flag that uses it."""
   if is_autoencoder(config):
     raise ValueError('--mode=tune_steps tunes a diffusion sampler; model.name=vae has none')
-  process, codec, text = build_process(config), build_codec(config), build_text(config, workdir)
-  captions = dataset_captions(config) if text is not None and not config.sample.prompt else None
-  graphdef, state, _, _ = init_state(config, codec, text)
-  ckpt = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'))
-  state = ckpt.restore(state, config.sample.checkpoint_step)
-  ckpt.close()
+  process, codec, text, captions, graphdef, state = _restore_for_sampling(config, workdir)
   s, t = config.sample, config.tune
   settings, sample_fn = build_sampler(config)
   name, _, steps = t.teacher.partition(':')
@@ -446,14 +445,13 @@ def tune_steps(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if num_labels > 0:
     labels = jnp.asarray(np.full(t.batch_size, s.class_label) if s.class_label is not None
                          else np.arange(t.batch_size) % num_labels, jnp.int32)
-  null_label = len(table['mask']) - 1 if text is not None else config.model.num_classes
 
   def make_model_fn(args):
     params, buffers, table = args
     return generate.guided_model_fn(nnx.merge(graphdef, params, buffers), process,
                                     prediction=config.model.prediction, sigma_data=config.model.sigma_data,
                                     guidance_scale=s.guidance_scale, guidance_rescale=s.guidance_rescale,
-                                    null_label=null_label, text=text, table=table)
+                                    null_label=config.model.num_classes, text=text, table=table)
 
   t0 = time.perf_counter()
   result = step_schedule.tune_timesteps(
