@@ -1,9 +1,15 @@
 #!/usr/bin/env bash
-# One device call that measures ours and the PyTorch peers on the same GPU, in priority order, each step
-# under its own time limit so the whole call fits a 15-minute device session. Logs go to $OUT (or ./bench_out).
-# Prepare here first: ../shared/tools/device_wheels.sh tensorboardX  (-> .whl/), and copy
-# ../shared/bench/peer_pytorch.py to .peer/; then run with carry [".whl", ".peer"]:
-#   bash bench/device_run.sh [sample|train|fid|peer|all]...
+# One device call that measures ours and the PyTorch peers on the same GPU, in the order given, each step under
+# its own time limit so that a call fits the device session. Logs (JSON lines) go to $OUT (or ./bench_out).
+# Prepare here first: ../shared/tools/device_wheels.sh  (-> .whl/), and copy ../shared/bench/peer_pytorch.py to
+# .peer/; then run with carry [".whl", ".peer"]:
+#   bash bench/device_run.sh [check|sample|train|profile|fid|peer|all]...
+# check    bench/gpu_checks.py: cuDNN attention against XLA (bf16), ~1 min
+# sample   ours (both networks, bf16), then the peer (same networks, torch.compile), ~8 min
+# train    the training step, bf16 and fp32 at batch 128 and 512, ~5 min
+# profile  the bf16 batch-512 step: base, cuDNN attention, no dropout, each with a per-op profile, ~6 min
+# fid      FID Inception features, bf16 and TF32, ~1 min
+# peer     the PyTorch training peer with compiled batch 128 (PEER_QUICK=0), ~7 min
 set -uo pipefail
 OUT=${OUT:-bench_out}; mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -13,9 +19,12 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/devic
 run() { local name=$1 limit=$2; shift 2; timeout "$limit" "$@" 2>&1 | grep '^{' | tee -a "$OUT/$name.log"; }
 for what in "${@:-all}"; do
   case $what in
-    sample|all) run sample 120 python3 bench/sample_throughput.py --dtype bfloat16
-                run peer_sampling 150 python3 bench/peer_sampling.py --calls 3 ;;&
-    train|all) run train 200 python3 bench/train_throughput.py --dtype bfloat16 float32 --batch 128 512 ;;&
+    check|all) run check 120 python3 bench/gpu_checks.py ;;&
+    sample|all) run sample 240 python3 bench/sample_throughput.py --dtype bfloat16
+                run peer_sampling 300 python3 bench/peer_sampling.py --calls 3 ;;&
+    train|all) run train 300 python3 bench/train_throughput.py --dtype bfloat16 float32 --batch 128 512 ;;&
+    profile|all) run profile 400 python3 bench/train_throughput.py --dtype bfloat16 --batch 512 --steps 10 \
+                   --variant base model.attention=cudnn model.dropout=0.0 --profile /tmp/profile ;;&
     fid|all) run fid 60 python3 bench/fid_throughput.py --numerics bf16 'fp32/tf32' ;;&
     peer) PEER_QUICK=0 run peer 420 python3 .peer/peer_pytorch.py ;;
   esac

@@ -1,11 +1,19 @@
-"""Sampling throughput of the DDPM CIFAR-10 U-Net: denoiser forward, DDIM-50 and DPM-Solver++(2M)-20.
+"""Sampling throughput: denoiser forward, DDIM-50 and DPM-Solver++(2M)-20, end to end, through the same
+generate function as --mode=sample (train/trainer.make_generate_fn).
 
-End to end: prior noise -> jitted sampler loop (lax.fori_loop, no host sync per step) -> uint8 images on
-the device, at batch 256 (32x32). Prints one JSON line per (what, dtype): img_per_s (median over timed
-calls), ms per call, compile_s. The PyTorch peer is bench/peer_sampling.py (diffusers UNet2DModel with
-torch.compile + bf16 autocast and diffusers' DDIM / DPM-Solver++ schedulers), run in the same device call.
+Two networks, random weights:
+- ddpm_cifar10: the DDPM CIFAR-10 U-Net (35.7 M parameters), 32x32x3, unconditional.
+- ldm_text: the latent text-to-image configuration (configs/composed/ldm_text_minilm.py): a frozen MiniLM-L6
+  encoder of the captions (once per batch), the cross-attention U-Net on 16x16x4 latents with classifier-free
+  guidance 3 (one network call on the doubled batch per step), and the f=4 VAE decoder to 64x64x3
+  (configs/composed/vae_f4.py).
+End to end: prior noise -> jitted sampler loop (lax.fori_loop, no host sync per step) -> uint8 images on the
+device, at batch 256. Prints one JSON line per (network, what, dtype): img_per_s (median over timed calls), ms
+per call, compile_s, and the parameter counts of the parts. The PyTorch peer is bench/peer_sampling.py
+(diffusers, torch.compile + bf16 autocast, the same architectures), run in the same device call.
 
-  python bench/sample_throughput.py [--batch 256] [--dtype bfloat16 float32] [--calls 10] [--nf 128]
+  python bench/sample_throughput.py [--network ddpm_cifar10 ldm_text] [--batch 256] [--dtype bfloat16 float32]
+      [--calls 10] [--nf 128]
 """
 
 import argparse
@@ -19,10 +27,15 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from configs.cifar10 import ddpm  # noqa: E402
-from train import generate, trainer  # noqa: E402
+from configs.composed import ldm_text_minilm, vae_f4  # noqa: E402
+from models import text as text_models  # noqa: E402
+from models.vae import AutoencoderKL  # noqa: E402
+from train import generate, latent, trainer  # noqa: E402
+from train import text as text_lib  # noqa: E402
 
 
 def emit(**kw):
@@ -43,49 +56,93 @@ def timed(fn, args, calls: int) -> tuple[float, float]:
   return first, statistics.median(times)
 
 
-def run(dtype: str, batch: int, calls: int, nf: int) -> None:
+def count(tree) -> int:
+  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
+
+
+def ddpm_cifar10(dtype: str, nf: int):
+  """(config, codec, text, table, labels_of(batch), parameter counts)."""
   config = ddpm.get_config()
   config.model.dtype, config.model.nf, config.model.dropout = dtype, nf, 0.0
-  graphdef, state, _, _ = trainer.init_state(config)
-  process = trainer.build_process(config)
-  shape = (batch, 32, 32, 3)
+  return config, None, None, None, lambda batch: None, {}
 
-  model = nnx.merge(graphdef, state.ema_params, state.buffers)
-  forward = jax.jit(lambda x, t: model(x, t, None))
+
+def ldm_text(dtype: str, nf: int):
+  """The composed text LDM with random weights: the VAE and the MiniLM-L6 architecture are built, not loaded."""
+  vae_config = vae_f4.get_config()
+  vae_config.model.dtype = dtype
+  vae_cfg = trainer.build_vae_config(vae_config).vae
+  _, vae_params, vae_buffers = nnx.split(AutoencoderKL(vae_cfg, rngs=nnx.Rngs(0)), nnx.Param, ...)
+  codec = latent.LatentCodec(vae_cfg, (vae_params, vae_buffers), scale_factor=1.0, source='random weights')
+
+  config = ldm_text_minilm.get_config()
+  config.model.dtype, config.model.dropout = dtype, 0.0
+  x = config.text
+  encoder = text_models.BertEncoder(text_models.BertConfig(), rngs=nnx.Rngs(1))  # all-MiniLM-L6-v2's shape
+  text = text_lib.TextConditioner(
+      text_lib.TextSettings(encoder=x.encoder, max_length=x.max_length, mode='frozen', use_pooled=x.use_pooled),
+      prebuilt=(encoder, None, encoder.cfg.hidden_size))
+  n, length = 1000, x.max_length  # caption ids of random tokens; each caption has 8 to max_length tokens
+  rng = np.random.default_rng(0)
+  ids = rng.integers(1000, 30000, (n + 1, length)).astype(np.int32)
+  mask = (np.arange(length)[None] < rng.integers(8, length + 1, (n + 1, 1))).astype(np.int32)
+  mask[-1] = 0
+  mask[-1, :2] = 1  # the empty caption: [CLS] [SEP]
+  table = {'ids': ids * mask, 'mask': mask, 'encoder': nnx.state(encoder)}
+  parts = {'vae_decoder': count(vae_params['decoder']) + count(vae_params.get('post_quant_conv', {})),
+           'text_encoder': count(nnx.state(encoder))}
+  return config, codec, text, table, lambda batch: jnp.arange(batch, dtype=jnp.int32) % n, parts
+
+
+NETWORKS = {'ddpm_cifar10': ddpm_cifar10, 'ldm_text': ldm_text}
+
+
+def run(network: str, dtype: str, batch: int, calls: int, nf: int) -> None:
+  config, codec, text, table, labels_of, parts = NETWORKS[network](dtype, nf)
+  graphdef, state, _, _ = trainer.init_state(config, codec, text)
+  process = trainer.build_process(config)
+  parts['unet'] = count(state.ema_params)
+  shape = (batch, *trainer.model_input_shape(config, codec))
+  labels = labels_of(batch)
+  common = dict(network=network, impl=f'ours jax {dtype}', batch=batch)
+
+  cond = jax.jit(lambda tb, y: generate.condition(text, tb, y))(table, labels)  # the network alone is timed
+  forward = jax.jit(lambda p, b, x, t, c: nnx.merge(graphdef, p, b)(x, t, c))
   x = jax.random.normal(jax.random.key(0), shape)
   t = jax.random.uniform(jax.random.key(1), (batch,)) * 999.0
-  first, s = timed(forward, (x, t), calls * 4)
-  emit(what='denoiser_forward', impl=f'ours jax {dtype}', batch=batch, img_per_s=round(batch / s, 1),
-       ms=round(s * 1e3, 2), compile_s=round(first, 1))
+  first, s = timed(forward, (state.ema_params, state.buffers, x, t, cond), calls * 4)
+  emit(what='denoiser_forward', **common, img_per_s=round(batch / s, 1), ms=round(s * 1e3, 2),
+       compile_s=round(first, 1), params=parts)
 
-  for label, overrides in (('ddim50', dict(sampler='ddim', num_steps=50, eta=0.0, spacing='leading')),
+  ddim_spacing = 'leading' if config.process.name == 'ddpm' else 'linspace'  # diffusers' DDIM default / continuous t
+  for label, overrides in (('ddim50', dict(sampler='ddim', num_steps=50, eta=0.0, spacing=ddim_spacing)),
                            ('dpm_solver++2m_20', dict(sampler='dpm_solver', num_steps=20, order=2,
                                                       spacing='logsnr'))):
     for k, v in overrides.items():
       config.sample[k] = v
-    settings, sample_fn = trainer.build_sampler(config)
-    gen = generate.make_generate_fn(graphdef, process, prediction='eps', sigma_data=0.5, sample_fn=sample_fn,
-                                    settings=settings, shape=shape, centered=True)
-    args = (state.ema_params, state.buffers, jax.random.key(2), None)
+    gen = trainer.make_generate_fn(config, graphdef, process, codec, batch, text, table)
+    args = (state.ema_params, state.buffers, jax.random.key(2), labels)
     first, s = timed(gen, args, calls)
-    nfe = int(gen(*args)[1])
-    emit(what='sample', sampler=label, impl=f'ours jax {dtype}', batch=batch, nfe=nfe,
-         img_per_s=round(batch / s, 1), ms=round(s * 1e3, 1), compile_s=round(first, 1))
+    images, nfe = gen(*args)
+    emit(what='sample', sampler=label, **common, nfe=int(nfe), guidance=config.sample.guidance_scale if text else None,
+         out_shape=list(images.shape), img_per_s=round(batch / s, 1), ms=round(s * 1e3, 1), compile_s=round(first, 1))
 
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--network', nargs='+', default=list(NETWORKS), choices=list(NETWORKS))
   parser.add_argument('--batch', type=int, default=256)
   parser.add_argument('--dtype', nargs='+', default=['bfloat16', 'float32'])
   parser.add_argument('--calls', type=int, default=10, help='timed sampler calls (median); forward: 4x')
-  parser.add_argument('--nf', type=int, default=128, help='128: the DDPM CIFAR-10 network; smaller for smoke tests')
+  parser.add_argument('--nf', type=int, default=128, help='ddpm_cifar10: 128 is the DDPM network; smaller for smoke tests')
   args = parser.parse_args()
   emit(what='device', device=str(jax.devices()[0]), jax=jax.__version__)
-  for dtype in args.dtype:
-    try:
-      run(dtype, args.batch, args.calls, args.nf)
-    except Exception as e:  # one failed configuration must not lose the others
-      emit(what='sample_failed', impl=f'ours jax {dtype}', err=repr(e)[:300])
+  for network in args.network:
+    for dtype in args.dtype:
+      try:
+        run(network, dtype, args.batch, args.calls, args.nf)
+      except Exception as e:  # one failed configuration must not lose the others
+        emit(what='sample_failed', network=network, impl=f'ours jax {dtype}', err=repr(e)[:300])
 
 
 if __name__ == '__main__':

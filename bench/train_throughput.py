@@ -7,12 +7,18 @@ state is donated. Prints one JSON line per (dtype, batch, steps_per_call):
   dense bf16 rate, 989 TFLOP/s, as in the PyTorch peer's log).
 
   python bench/train_throughput.py [--batch 128 512] [--dtype bfloat16 float32] [--steps 20]
+      [--variant base 'model.dropout=0.0' 'model.attention=cudnn'] [--profile DIR]
+
+A variant is a comma-separated list of config overrides (key=value), measured as one more row: an ablation that
+says what a part of the step costs. --profile traces 5 steps of each row with jax.profiler into DIR/<row> and
+prints where the device time goes (bench/profile_ops.py: time per op kind and the top ops).
 
 The PyTorch peer (diffusers UNet2DModel, torch.compile + bf16 autocast) is ../shared/bench/peer_pytorch.py,
 run in the same device call; bench/RESULTS.md records both.
 """
 
 import argparse
+import ast
 import json
 import os
 import statistics
@@ -25,6 +31,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from bench import profile_ops  # noqa: E402
 from configs.cifar10 import ddpm  # noqa: E402
 from train import step as step_lib  # noqa: E402
 from train import trainer  # noqa: E402
@@ -36,11 +43,27 @@ def emit(**kw):
   print(json.dumps(kw), flush=True)
 
 
-def measure(dtype: str, batch: int, steps_per_call: int, timed_calls: int, image_size: int, nf: int) -> dict:
+def overrides(variant: str) -> dict:
+  """'model.dropout=0.0,model.attention=cudnn' -> {'model.dropout': 0.0, 'model.attention': 'cudnn'}."""
+  out = {}
+  for item in filter(None, variant.split(',')) if variant != 'base' else ():
+    key, _, value = item.partition('=')
+    try:
+      out[key] = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+      out[key] = value
+  return out
+
+
+def measure(dtype: str, batch: int, steps_per_call: int, timed_calls: int, image_size: int, nf: int,
+            variant: str = 'base', profile_dir: str | None = None) -> dict:
   config = ddpm.get_config()
   config.model.dtype = dtype
   config.model.nf = nf
   config.data.image_size = image_size
+  for key, value in overrides(variant).items():
+    section, name = key.split('.')
+    config[section][name] = value
   graphdef, state, tx, schedule = trainer.init_state(config)
   process = trainer.build_process(config)
   settings = step_lib.StepSettings(prediction='eps', loss=trainer.build_loss(config), ema_decay=0.9999,
@@ -72,7 +95,16 @@ def measure(dtype: str, batch: int, steps_per_call: int, timed_calls: int, image
     times.append((time.perf_counter() - t) / steps_per_call)
   step_s = statistics.median(times)
   mem = jax.devices()[0].memory_stats() or {}
-  return dict(what='train', impl=f'ours jax {dtype}', batch=batch, steps_per_call=steps_per_call,
+  if profile_dir:
+    def call():
+      nonlocal state
+      state, m = compiled(state, batches)
+      return m
+    name = f'{dtype}_b{batch}_k{steps_per_call}_{variant}'.replace('=', '-').replace(',', '+')
+    summary = profile_ops.profile(call, 5, os.path.join(profile_dir, name), compiled.as_text())
+    emit(what='train_profile', impl=f'ours jax {dtype}', batch=batch, variant=variant,
+         per_step_ms=round(summary['device_ms_per_call'] / steps_per_call, 3), **summary)
+  return dict(what='train', impl=f'ours jax {dtype}', batch=batch, steps_per_call=steps_per_call, variant=variant,
               img_per_s=round(batch / step_s, 1), step_ms=round(step_s * 1e3, 2),
               step_ms_min=round(min(times) * 1e3, 2), compile_s=round(compile_s, 1),
               flops_per_img=round(flops / batch), mfu_vs_989tf=round(flops / step_s / PEAK_FLOPS, 4),
@@ -88,15 +120,19 @@ def main():
   parser.add_argument('--steps', type=int, default=20, help='timed calls (median)')
   parser.add_argument('--image_size', type=int, default=32)
   parser.add_argument('--nf', type=int, default=128, help='128: the DDPM CIFAR-10 network; smaller for smoke tests')
+  parser.add_argument('--variant', nargs='+', default=['base'], help="'base' or config overrides 'a.b=v,c.d=w'")
+  parser.add_argument('--profile', default=None, help='trace 5 steps of each row into this folder and summarize')
   args = parser.parse_args()
   emit(what='device', device=str(jax.devices()[0]), jax=jax.__version__, backend=jax.default_backend())
   for dtype in args.dtype:
     for batch in args.batch:
       for k in args.steps_per_call:
-        try:
-          emit(**measure(dtype, batch, k, args.steps, args.image_size, args.nf))
-        except Exception as e:  # one failed configuration (e.g. out of memory) must not lose the others
-          emit(what='train_failed', impl=f'ours jax {dtype}', batch=batch, steps_per_call=k, err=repr(e)[:300])
+        for variant in args.variant:
+          try:
+            emit(**measure(dtype, batch, k, args.steps, args.image_size, args.nf, variant, args.profile))
+          except Exception as e:  # one failed configuration (e.g. out of memory) must not lose the others
+            emit(what='train_failed', impl=f'ours jax {dtype}', batch=batch, steps_per_call=k, variant=variant,
+                 err=repr(e)[:300])
 
 
 if __name__ == '__main__':

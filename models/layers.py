@@ -40,6 +40,19 @@ def group_norm(channels: int, num_groups: int, *, rngs: nnx.Rngs) -> nnx.GroupNo
                        dtype=jnp.float32, rngs=rngs)
 
 
+ATTENTION = ('xla', 'cudnn')
+
+
+def check_attention(attention: str) -> str:
+  """The implementation jax.nn.dot_product_attention uses: 'xla' (any backend) or 'cudnn' (fused flash attention
+  on NVIDIA GPUs, bf16 / fp16 compute)."""
+  if attention not in ATTENTION:
+    raise ValueError(f'unknown attention implementation {attention!r}; choose one of {ATTENTION}')
+  if attention == 'cudnn' and jax.default_backend() != 'gpu':
+    raise ValueError(f"attention='cudnn' needs an NVIDIA GPU; this backend is {jax.default_backend()!r} (use 'xla')")
+  return attention
+
+
 def positional_embedding(t: Array, dim: int, max_positions: int = 10_000) -> Array:
   """Sinusoidal embedding [B, dim] of a scalar per example (Vaswani et al.; DDPM)."""
   half = dim // 2
@@ -136,10 +149,10 @@ class AttnBlock(nnx.Module):
   """Multi-head self-attention over the H*W positions, through jax.nn.dot_product_attention."""
 
   def __init__(self, channels: int, *, num_heads: int = 1, skip_rescale: bool = False, num_groups: int = 32,
-               dtype=jnp.float32, rngs: nnx.Rngs):
+               attention: str = 'xla', dtype=jnp.float32, rngs: nnx.Rngs):
     if channels % num_heads:
       raise ValueError(f'{channels} channels do not split into {num_heads} heads')
-    self.num_heads, self.skip_rescale = num_heads, skip_rescale
+    self.num_heads, self.skip_rescale, self.attention = num_heads, skip_rescale, check_attention(attention)
     self.norm = group_norm(channels, num_groups, rngs=rngs)
     self.q = dense(channels, channels, dtype=dtype, rngs=rngs)
     self.k = dense(channels, channels, dtype=dtype, rngs=rngs)
@@ -150,7 +163,8 @@ class AttnBlock(nnx.Module):
     b, hh, ww, c = x.shape
     h = self.norm(x).astype(x.dtype).reshape(b, hh * ww, c)
     split = lambda a: a.reshape(b, hh * ww, self.num_heads, c // self.num_heads)  # [B, T, N, H]
-    h = jax.nn.dot_product_attention(split(self.q(h)), split(self.k(h)), split(self.v(h)))
+    h = jax.nn.dot_product_attention(split(self.q(h)), split(self.k(h)), split(self.v(h)),
+                                     implementation=self.attention)
     h = self.out(h.reshape(b, hh * ww, c)).reshape(b, hh, ww, c)
     out = x + h
     return out / math.sqrt(2.0) if self.skip_rescale else out
@@ -165,12 +179,12 @@ class CrossAttention(nnx.Module):
   """Multi-head attention of x [B, T, C] over a context [B, S, D] (itself when context is None); `mask`
   [B, S] (1 = a real token) keeps padding tokens out of the keys."""
 
-  def __init__(self, channels: int, context_dim: int | None = None, *, num_heads: int = 1, dtype=jnp.float32,
-               rngs: nnx.Rngs):
+  def __init__(self, channels: int, context_dim: int | None = None, *, num_heads: int = 1, attention: str = 'xla',
+               dtype=jnp.float32, rngs: nnx.Rngs):
     if channels % num_heads:
       raise ValueError(f'{channels} channels do not split into {num_heads} heads')
     kv = context_dim or channels
-    self.num_heads = num_heads
+    self.num_heads, self.attention = num_heads, check_attention(attention)
     self.q = nnx.Linear(channels, channels, use_bias=False, dtype=dtype, rngs=rngs)
     self.k = nnx.Linear(kv, channels, use_bias=False, dtype=dtype, rngs=rngs)
     self.v = nnx.Linear(kv, channels, use_bias=False, dtype=dtype, rngs=rngs)
@@ -180,7 +194,8 @@ class CrossAttention(nnx.Module):
     ctx = x if context is None else context.astype(x.dtype)
     attn_mask = None if mask is None else mask.astype(bool)[:, None, None, :]  # [B, 1, T, S] broadcast
     h = jax.nn.dot_product_attention(_heads(self.q(x), self.num_heads), _heads(self.k(ctx), self.num_heads),
-                                     _heads(self.v(ctx), self.num_heads), mask=attn_mask)
+                                     _heads(self.v(ctx), self.num_heads), mask=attn_mask,
+                                     implementation=self.attention)
     return self.out(h.reshape(x.shape))
 
 
@@ -199,11 +214,13 @@ class GEGLU(nnx.Module):
 class TransformerBlock(nnx.Module):
   """Pre-LN self-attention, cross-attention to the context, GEGLU feed-forward, each residual."""
 
-  def __init__(self, channels: int, context_dim: int, *, num_heads: int, dtype=jnp.float32, rngs: nnx.Rngs):
+  def __init__(self, channels: int, context_dim: int, *, num_heads: int, attention: str = 'xla', dtype=jnp.float32,
+               rngs: nnx.Rngs):
     ln = lambda: nnx.LayerNorm(channels, epsilon=1e-5, dtype=jnp.float32, rngs=rngs)
     self.norm1, self.norm2, self.norm3 = ln(), ln(), ln()
-    self.attn1 = CrossAttention(channels, num_heads=num_heads, dtype=dtype, rngs=rngs)
-    self.attn2 = CrossAttention(channels, context_dim, num_heads=num_heads, dtype=dtype, rngs=rngs)
+    self.attn1 = CrossAttention(channels, num_heads=num_heads, attention=attention, dtype=dtype, rngs=rngs)
+    self.attn2 = CrossAttention(channels, context_dim, num_heads=num_heads, attention=attention, dtype=dtype,
+                                rngs=rngs)
     self.ff = GEGLU(channels, dtype=dtype, rngs=rngs)
 
   def __call__(self, x: Array, context: Array, mask: Array | None) -> Array:
@@ -219,11 +236,13 @@ class SpatialTransformer(nnx.Module):
   projection back, and the residual — so a new block starts as the identity."""
 
   def __init__(self, channels: int, context_dim: int, *, num_heads: int = 1, depth: int = 1,
-               skip_rescale: bool = False, num_groups: int = 32, dtype=jnp.float32, rngs: nnx.Rngs):
+               skip_rescale: bool = False, num_groups: int = 32, attention: str = 'xla', dtype=jnp.float32,
+               rngs: nnx.Rngs):
     self.skip_rescale = skip_rescale
     self.norm = group_norm(channels, num_groups, rngs=rngs)
     self.proj_in = dense(channels, channels, dtype=dtype, rngs=rngs)
-    self.blocks = nnx.List([TransformerBlock(channels, context_dim, num_heads=num_heads, dtype=dtype, rngs=rngs)
+    self.blocks = nnx.List([TransformerBlock(channels, context_dim, num_heads=num_heads, attention=attention,
+                                             dtype=dtype, rngs=rngs)
                             for _ in range(depth)])
     self.proj_out = dense(channels, channels, init_scale=0.0, dtype=dtype, rngs=rngs)
 

@@ -41,6 +41,7 @@ class UNetConfig:
   num_classes: int = 0  # > 0: class embedding with num_classes + 1 entries (the last is the null label)
   dtype: str = 'float32'  # compute dtype; parameters are float32
   remat: bool = False  # training: recompute each residual block's activations in the backward pass
+  attention: str = 'xla'  # jax.nn.dot_product_attention's implementation: xla | cudnn (GPU, bf16)
   context_dim: int = 0  # > 0: spatial transformers cross-attend to text tokens of this width
   transformer_depth: int = 1  # transformer blocks per spatial transformer
   pooled_dim: int = 0  # > 0: the pooled text embedding is projected and added to the time embedding
@@ -67,7 +68,7 @@ class UNet(nnx.Module):
     nf, temb_dim = cfg.nf, 4 * cfg.nf
     kw = dict(num_groups=cfg.num_groups, dtype=dt, rngs=rngs)
     res_kw = dict(kind=cfg.resblock_type, dropout=cfg.dropout, skip_rescale=cfg.skip_rescale, **kw)
-    attn_kw = dict(num_heads=cfg.num_heads, skip_rescale=cfg.skip_rescale, **kw)
+    attn_kw = dict(num_heads=cfg.num_heads, skip_rescale=cfg.skip_rescale, attention=cfg.attention, **kw)
     if cfg.context_dim > 0:
       attn = lambda ch: layers.SpatialTransformer(ch, cfg.context_dim, depth=cfg.transformer_depth, **attn_kw)
     else:

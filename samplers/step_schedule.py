@@ -71,16 +71,16 @@ def tune_timesteps(rng: Array, model_fn: ModelFn, process: Process, shape: tuple
 
   shape: [batch_size, ...] of the prior draws; rng fixes them (teacher and student draw the same prior).
   With model_args, model_fn is a function model_args -> model_fn: a network's parameters then enter the
-  compiled programs as arguments instead of constants.
+  compiled programs as arguments instead of constants; so does `cond`, the sampler's condition (a pytree).
   """
   make = model_fn if model_args is not None else (lambda _: model_fn)
   t_min = float(process.t_eps if tune.t_min is None else tune.t_min)
   ts0 = base.settings_grid(process, settings, 'karras' if not hasattr(settings, 'spacing') else None)
   if ts0.shape[0] < 2:
     raise ValueError('a tuned grid needs at least 2 time steps')
-  target, _ = jax.jit(lambda a: teacher_fn(rng, make(a), process, shape, teacher_settings, cond))(model_args)
+  target, _ = jax.jit(lambda a, c: teacher_fn(rng, make(a), process, shape, teacher_settings, c))(model_args, cond)
 
-  def loss_fn(params, args):
+  def loss_fn(params, args, cond):
     ts = grid_from_params(process, params, t_min)
     x, _ = sample_fn(rng, make(args), process, shape, dataclasses.replace(settings, timesteps=ts), cond)
     return jnp.mean((x - target) ** 2)
@@ -88,8 +88,8 @@ def tune_timesteps(rng: Array, model_fn: ModelFn, process: Process, shape: tuple
   optimizer = optax.adam(tune.lr)
 
   @jax.jit
-  def update(params, opt_state, args):
-    loss, grads = jax.value_and_grad(loss_fn)(params, args)
+  def update(params, opt_state, args, cond):
+    loss, grads = jax.value_and_grad(loss_fn)(params, args, cond)
     updates, opt_state = optimizer.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, loss
 
@@ -98,7 +98,7 @@ def tune_timesteps(rng: Array, model_fn: ModelFn, process: Process, shape: tuple
   best = (float('inf'), params)
   losses = []
   for _ in range(tune.num_iters):
-    new_params, opt_state, loss = update(params, opt_state, model_args)
+    new_params, opt_state, loss = update(params, opt_state, model_args, cond)
     loss = float(loss)  # the loss of `params`, before this update
     if not np.isfinite(loss):
       raise ValueError(f'step-schedule tuning diverged (loss {loss}); lower tune.lr')
@@ -106,7 +106,7 @@ def tune_timesteps(rng: Array, model_fn: ModelFn, process: Process, shape: tuple
     if loss < best[0]:
       best = (loss, params)
     params = new_params
-  final = float(jax.jit(loss_fn)(params, model_args))
+  final = float(jax.jit(loss_fn)(params, model_args, cond))
   if final < best[0]:
     best = (final, params)
   ts = np.asarray(grid_from_params(process, best[1], t_min), np.float64)

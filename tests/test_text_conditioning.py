@@ -116,6 +116,45 @@ def test_cfg_identities_with_text(cached):
     np.testing.assert_allclose(eps, expected, rtol=1e-4, atol=1e-5)
 
 
+def _loop_inputs(jaxpr) -> list:
+  """Shapes of every input of every loop (while, scan) in a jaxpr, nested ones included."""
+  shapes = []
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name in ('while', 'scan'):
+      shapes += [tuple(v.aval.shape) for v in eqn.invars]
+    for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+      shapes += _loop_inputs(sub)
+  return shapes
+
+
+def test_frozen_encoder_runs_once_per_batch_outside_the_sampler_loop():
+  """generate() encodes the captions (and the empty caption) before the sampler's loop: the loop carries no
+  encoder weights, and its samples equal those of a model_fn that runs the encoder at every step."""
+  from samplers import get_sampler
+  from train import generate
+  text = conditioner('frozen')
+  table = text.table(CAPTIONS)
+  graphdef, params, buffers = nnx.split(unet(text), nnx.Param, ...)
+  process = processes.get_process('vp')
+  settings, sample_fn = get_sampler('ddim', num_steps=4)
+  kw = dict(prediction='eps', sigma_data=0.5, guidance_scale=3.0)
+  gen = generate.make_generate_fn(graphdef, process, sample_fn=sample_fn, settings=settings, shape=(3, 8, 8, 2),
+                                  centered=True, text=text, table=table, **kw)
+  labels, rng = jnp.array([0, 2, 1]), jax.random.key(4)
+  embedding = tuple(table['encoder']['embeddings']['token_embedding']['embedding'].shape)  # [vocab, D]
+  loop_inputs = _loop_inputs(jax.make_jaxpr(gen)(params, buffers, rng, labels).jaxpr)
+  assert loop_inputs and embedding not in loop_inputs
+
+  model = nnx.merge(graphdef, params, buffers)  # the reference: the encoder inside every network evaluation
+  device_table = jax.device_put(table)
+  per_step = make_model_fn(lambda x, c, y: model(x, c, text.lookup(device_table, y)), process, 'eps', 0.5)
+  guided = classifier_free_guidance(per_step, 3.0, jnp.int32(len(CAPTIONS)))
+  x, _ = jax.jit(lambda r: sample_fn(r, guided, process, (3, 8, 8, 2), settings, labels))(rng)
+  from data import scaler
+  ours, reference = np.asarray(gen(params, buffers, rng, labels)[0]), np.asarray(scaler.to_uint8(x, centered=True))
+  assert np.abs(ours.astype(int) - reference.astype(int)).max() <= 1  # float rounding may flip one level
+
+
 @pytest.mark.parametrize('mode,encoder', [('cached', 'clip'), ('trainable', 'small')])
 def test_train_step_on_caption_ids(mode, encoder):
   """Labels are caption ids; with label_dropout=1 every label becomes the empty caption (the loss then equals

@@ -18,17 +18,25 @@ if TYPE_CHECKING:
   from train.text import Table, TextConditioner
 
 
+def condition(text: 'TextConditioner | None', table: 'Table | None', labels: jax.Array | None):
+  """The network's condition for `labels`: a text model's caption ids looked up in the caption table (running a
+  frozen encoder), other models' labels (class ids or None) as they are. Samplers get it once, before their
+  loop, so a frozen text encoder runs once per batch rather than at every network evaluation."""
+  return labels if text is None or labels is None else text.lookup(table, labels)
+
+
 def guided_model_fn(model: nnx.Module, process: Process, *, prediction: str, sigma_data: float,
                     guidance_scale: float = 1.0, guidance_rescale: float = 0.0, null_label: int = 0,
                     text: 'TextConditioner | None' = None, table: 'Table | None' = None):
-  """The model_fn(x, t, labels) -> (x0, eps) a sampler calls: the network's output in its parameterization,
-  a text model's labels looked up in the caption table, and classifier-free guidance against null_label (a text
-  model's is the table's last row, the empty caption)."""
+  """The model_fn(x, t, cond) -> (x0, eps) a sampler calls, for cond = condition(text, table, labels): the
+  network's output in its parameterization, with classifier-free guidance against null_label (a text model's is
+  the table's last row, the empty caption)."""
+  null = jnp.int32(null_label)
   if text is not None:
-    null_label = table['mask'].shape[0] - 1
-  cond = (lambda y: text.lookup(table, y)) if text is not None else (lambda y: y)
-  model_fn = make_model_fn(lambda x, c, y: model(x, c, cond(y)), process, prediction, sigma_data)
-  return classifier_free_guidance(model_fn, guidance_scale, jnp.int32(null_label), guidance_rescale, process)
+    last = jnp.array([table['mask'].shape[0] - 1], jnp.int32)
+    null = jax.tree.map(lambda v: v[0], condition(text, table, last))
+  model_fn = make_model_fn(model, process, prediction, sigma_data)
+  return classifier_free_guidance(model_fn, guidance_scale, null, guidance_rescale, process)
 
 
 def make_generate_fn(graphdef: nnx.GraphDef, process: Process, *, prediction: str, sigma_data: float,
@@ -49,7 +57,7 @@ def make_generate_fn(graphdef: nnx.GraphDef, process: Process, *, prediction: st
                                sigma_data=sigma_data, guidance_scale=guidance_scale,
                                guidance_rescale=guidance_rescale, null_label=null_label, text=text,
                                table=frozen['text'])
-    x, nfe = sample_fn(rng, model_fn, process, shape, settings, labels)
+    x, nfe = sample_fn(rng, model_fn, process, shape, settings, condition(text, frozen['text'], labels))
     if codec is not None:
       x = codec.decode(frozen['vae'], x)
     return scaler.to_uint8(x, centered=centered), nfe

@@ -44,7 +44,9 @@ class TextSettings:
 class TextConditioner:
   """Builds caption tables and turns caption ids into the U-Net's text condition."""
 
-  def __init__(self, settings: TextSettings):
+  def __init__(self, settings: TextSettings, prebuilt: tuple | None = None):
+    """prebuilt: (encoder, tokenizer, context_dim) to use instead of loading settings.encoder's weights, e.g. an
+    encoder of the same architecture with random weights for a benchmark."""
     s = settings
     if s.encoder not in text_models.ENCODERS:
       raise ValueError(f'unknown text.encoder {s.encoder!r}; choose one of {list(text_models.ENCODERS)}')
@@ -52,7 +54,7 @@ class TextConditioner:
       raise ValueError(f"text.mode={s.mode!r}: a pretrained encoder is frozen, use 'cached' or 'frozen'")
     self.settings = s
     self.mode = 'trainable' if s.encoder == 'small' else s.mode
-    encoder, self.tokenizer, self.context_dim = text_models.build_text_encoder(
+    encoder, self.tokenizer, self.context_dim = prebuilt or text_models.build_text_encoder(
         s.encoder, s.path, s.max_length, rngs=nnx.Rngs(0), small=s.small)
     if self.mode == 'trainable':
       self.small_config = dataclasses.replace(s.small or text_models.SmallTextConfig(

@@ -453,11 +453,12 @@ def tune_steps(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                     guidance_scale=s.guidance_scale, guidance_rescale=s.guidance_rescale,
                                     null_label=config.model.num_classes, text=text, table=table)
 
+  cond = jax.jit(lambda table, y: generate.condition(text, table, y))(table, labels)  # encoded once
   t0 = time.perf_counter()
   result = step_schedule.tune_timesteps(
       jax.random.fold_in(jax.random.key(config.seed), 5), make_model_fn, process,
       (t.batch_size, *model_input_shape(config, codec)), sample_fn, settings, teacher_fn, teacher_settings,
-      step_schedule.TuneSettings(num_iters=t.num_iters, lr=t.lr, t_min=t.t_min), cond=labels,
+      step_schedule.TuneSettings(num_iters=t.num_iters, lr=t.lr, t_min=t.t_min), cond=cond,
       model_args=(state.ema_params, state.buffers, table))
   grid = ', '.join(f'{x:.6g}' for x in result.timesteps)
   info = {'sampler': s.sampler, 'num_steps': len(result.timesteps), 'step': int(state.step),
