@@ -15,6 +15,9 @@ OUT=${OUT:-bench_out}; mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
   && export PYTHONPATH=/tmp/site || exit 1
 export PYTHONUNBUFFERED=1
+# Compile-time only (the measured steps are unchanged): programs and per-fusion autotuning results are cached
+# across the steps of this call, so e.g. the profile's base row reuses the train row's compilation.
+export JAX_COMPILATION_CACHE_DIR=/tmp/jax_cache XLA_FLAGS="--xla_gpu_per_fusion_autotune_cache_dir=/tmp/xla_autotune"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/device.txt"
 run() { local name=$1 limit=$2; shift 2; timeout "$limit" "$@" 2>&1 | grep '^{' | tee -a "$OUT/$name.log"; }
 for what in "${@:-all}"; do

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 def condition(text: 'TextConditioner | None', table: 'Table | None', labels: jax.Array | None):
   """The network's condition for `labels`: a text model's caption ids looked up in the caption table (running a
   frozen encoder), other models' labels (class ids or None) as they are. Samplers get it once, before their
-  loop, so a frozen text encoder runs once per batch rather than at every network evaluation."""
+  loop: the loop carries the encoded condition, not the encoder (so its hoisting is not left to XLA)."""
   return labels if text is None or labels is None else text.lookup(table, labels)
 
 
