@@ -3,6 +3,7 @@
 import glob
 import json
 import os
+import re
 
 import numpy as np
 
@@ -29,7 +30,7 @@ def test_fid_stats_then_eval_of_every_checkpoint_and_resume(tmp_path):
           '--config.eval.bpd_atol=1e-3')
   proc = main_py(*args, workdir=work, check=True)
   rows = sorted(glob.glob(f'{work}/eval/step*.json'))
-  assert [os.path.basename(r) for r in rows] == [
+  assert [re.sub(r'_[0-9a-f]{8}[.]json$', '.json', os.path.basename(r)) for r in rows] == [
       'step00000002_ddim_3.json', 'step00000002_dpm_solver_2.json',
       'step00000004_ddim_3.json', 'step00000004_dpm_solver_2.json']
   for path in rows:
@@ -50,6 +51,16 @@ def test_fid_stats_then_eval_of_every_checkpoint_and_resume(tmp_path):
   again = main_py(*args, workdir=work, check=True)  # everything done: nothing is recomputed
   assert {p: os.path.getmtime(p) for p in rows} == before
   assert again.stdout == proc.stdout
+
+  # Other settings are another result, never the stored one: stochastic DDIM (eta 1) instead of eta 0.
+  main_py('--mode=eval', cache, *EVAL, "--config.eval.samplers=('ddim:3',)", '--config.sample.eta=1.0',
+          workdir=work, check=True)
+  new = sorted(set(glob.glob(f'{work}/eval/step00000004_ddim_3_*.json')) - set(rows))
+  assert len(new) == 1 and {p: os.path.getmtime(p) for p in rows} == before
+  with open(new[0]) as f, open([r for r in rows if 'step00000004_ddim_3' in r][0]) as g:
+    stochastic, deterministic = json.load(f), json.load(g)
+  assert (stochastic['settings']['sample']['eta'], deterministic['settings']['sample']['eta']) == (1.0, 0.0)
+  assert stochastic['fid'] != deterministic['fid']
 
 
 def test_eval_errors_are_one_line(tmp_path):

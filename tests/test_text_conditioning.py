@@ -215,7 +215,9 @@ def test_text_model_through_main(tmp_path):
   proc = main_py(*args, '--mode=eval', '--config.eval.metrics=()', '--config.eval.binding=True',
                  '--config.eval.binding_num_images=20', '--config.eval.guidance_scales=(1.0,3.0)',
                  '--config.eval.batch_size=10', workdir=workdir, check=True)
-  with open(os.path.join(workdir, 'eval', 'step00000002_binding.json')) as f:
+  import glob
+  (path,) = glob.glob(os.path.join(workdir, 'eval', 'step00000002_binding_*.json'))
+  with open(path) as f:
     rows = json.load(f)
   assert [r['guidance'] for r in rows] == [1.0, 3.0]
   assert all(0.0 <= r['digit_accuracy'] <= 1.0 and r['num_images'] == 20 for r in rows)

@@ -2,7 +2,8 @@
 
 Like the trainer, this module reads the ConfigDict and hands typed arguments to eval/. Results go to
 <workdir>/eval/: one JSON per (checkpoint, sampler) — written last, so a preempted run redoes only the
-unfinished pair — plus, per checkpoint, a table (JSON + markdown) and a plot of FID against NFE, and
+unfinished pair, and named with a hash of the settings it depends on, so a rerun with other settings (guidance,
+time grid, number of samples...) computes a new result instead of returning the old one — plus, per checkpoint, a table (JSON + markdown) and a plot of FID against NFE, and
 TensorBoard scalars under <workdir>/tb. On several hosts every host computes (generation and features are
 split over the global mesh), process 0 alone writes, and whether a result already exists is decided by
 process 0 for all, so every host makes the same collective calls.
@@ -45,6 +46,30 @@ def _exists(*paths: str) -> bool:
   if jax.process_count() > 1:
     found = bool(multihost_utils.broadcast_one_to_all(np.asarray(found)))
   return found
+
+
+# Config keys that do not change a result of --mode=eval (which checkpoints and samplers are run is in the name).
+_NOT_IN_RESULT = {'sample': ('num_samples', 'batch_size', 'checkpoint_step', 'sampler', 'num_steps'),
+                  'eval': ('checkpoints', 'samplers', 'cache_dir')}
+
+
+def _result_path(eval_dir: str, stem: str, config: ml_collections.ConfigDict) -> tuple[str, dict]:
+  """(<eval_dir>/<stem>_<hash>.json, the settings hashed): the seed, data, model, process, latent, text, sample
+  and eval sections, less the keys of _NOT_IN_RESULT."""
+  settings = {'seed': config.seed}
+  for section in ('data', 'model', 'process', 'latent', 'text', 'sample', 'eval'):
+    skip = _NOT_IN_RESULT.get(section, ())
+    settings[section] = {k: v for k, v in config[section].to_dict().items() if k not in skip}
+  digest = hashlib.sha1(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:8]
+  return os.path.join(eval_dir, f'{stem}_{digest}.json'), settings
+
+
+def _read_result(path: str):
+  """A result written before (a row, or a list of rows), without the settings it was stored with."""
+  with open(path) as f:
+    obj = json.load(f)
+  strip = lambda row: {k: v for k, v in row.items() if k != 'settings'}
+  return [strip(r) for r in obj] if isinstance(obj, list) else strip(obj)
 
 
 def _write_json(path: str, obj) -> None:
@@ -154,7 +179,8 @@ def _write_table(eval_dir: str, step: int, rows: list[dict]) -> None:
   lines = ['| sampler | steps | NFE | ' + ' | '.join(keys) + ' |', '|---|---|---|' + '---|' * len(keys)]
   for r in rows:
     cells = [f'{r[k]:.4g}' if k in r else '' for k in keys]
-    lines.append(f"| {r['sampler']} | {r['num_steps']} | {r['nfe']} | " + ' | '.join(cells) + ' |')
+    sampler = r['sampler'] + (' (explicit grid)' if r.get('timesteps') else '')
+    lines.append(f"| {sampler} | {r['num_steps']} | {r['nfe']} | " + ' | '.join(cells) + ' |')
   with open(base + '.md', 'w') as f:
     f.write('\n'.join(lines) + '\n')
   if any('fid' in r for r in rows):
@@ -221,20 +247,20 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
     rows = []
     for name, num_steps in plan_rows:
       label = f'{name}_{num_steps}'
-      path = os.path.join(eval_dir, f'step{step:08d}_{label}.json')
+      pair_config = trainer.with_sampler(config, name, num_steps)
+      path, settings = _result_path(eval_dir, f'step{step:08d}_{label}', pair_config)
       if _exists(path):
-        with open(path) as f:
-          rows.append(json.load(f))
+        rows.append(_read_result(path))
         continue
       if state is None:
         state = ckpt.restore(state_like, step)
-      gen = trainer.make_generate_fn(trainer.with_sampler(config, name, num_steps), graphdef, process, codec,
-                                     e.batch_size, text, table)
+      gen = trainer.make_generate_fn(pair_config, graphdef, process, codec, e.batch_size, text, table)
       rng = jax.random.fold_in(jax.random.key(config.seed), 3)
       t0 = time.perf_counter()
       feats, logits, nfe = _generated_features(gen, state, rng, extractor, config, num_labels,
                                                desc=f'step {step} {label}')
       row = {'step': step, 'sampler': name, 'num_steps': num_steps, 'nfe': nfe, 'num_samples': e.num_samples,
+             'timesteps': list(pair_config.sample.timesteps),
              'reference': e.ref_stats or reference_paths(config)[0],
              **_sample_metrics(config, feats, logits, ref_mu, ref_sigma, ref_feats),
              'seconds': round(time.perf_counter() - t0, 1)}
@@ -245,7 +271,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
           if k in row:
             writer.add_scalar(f'eval/{label}/{k}', row[k], step)
         writer.flush()
-      _write_json(path, row)  # the marker that this pair is done
+      _write_json(path, {**row, 'settings': settings})  # the marker that this pair is done
       rows.append(row)
     if rows:
       _write_table(eval_dir, step, rows)
@@ -280,10 +306,9 @@ def evaluate_autoencoder(config: ml_collections.ConfigDict, workdir: str) -> lis
       ref_feats = f['features']
   results = []
   for step in steps:
-    path = os.path.join(eval_dir, f'step{step:08d}_reconstruction.json')
+    path, settings = _result_path(eval_dir, f'step{step:08d}_reconstruction', config)
     if _exists(path):
-      with open(path) as f:
-        results.append(json.load(f))
+      results.append(_read_result(path))
       continue
     state = ckpt.restore(state_like, step)
     t0 = time.perf_counter()
@@ -312,7 +337,7 @@ def evaluate_autoencoder(config: ml_collections.ConfigDict, workdir: str) -> lis
         row['kid'], row['kid_std'] = metrics.kid(feats, ref_feats)
     row['seconds'] = round(time.perf_counter() - t0, 1)
     os.makedirs(eval_dir, exist_ok=True)
-    _write_json(path, row)
+    _write_json(path, {**row, 'settings': settings})
     results.append(row)
   ckpt.close()
   return results
@@ -325,10 +350,10 @@ def _binding(config, eval_dir: str, step: int, state, graphdef, process, codec, 
   from eval import binding
   from data import images as image_io
   e = config.eval
-  path = os.path.join(eval_dir, f'step{step:08d}_binding.json')
+  name, num_steps = sampler
+  path, settings = _result_path(eval_dir, f'step{step:08d}_binding', trainer.with_sampler(config, name, num_steps))
   if _exists(path):
-    with open(path) as f:
-      return json.load(f)
+    return _read_result(path)
   if text is None:
     raise ValueError('eval.binding scores prompts: it needs a text model (text.encoder)')
   n, dataset = e.binding_num_images, config.data.dataset
@@ -342,7 +367,6 @@ def _binding(config, eval_dir: str, step: int, state, graphdef, process, codec, 
   else:
     raise ValueError(f"eval.binding needs data.dataset 'mnist_captions' or 'composed_digits', not {dataset!r}")
   table = text.table(prompts)
-  name, num_steps = sampler
   rng = jax.random.fold_in(jax.random.key(config.seed), 6)
   rows = []
   for scale in e.guidance_scales:
@@ -358,7 +382,7 @@ def _binding(config, eval_dir: str, step: int, state, graphdef, process, codec, 
       image_io.save_grid(os.path.join(eval_dir, f'step{step:08d}_binding_g{scale:g}.png'), imgs[:100], ncol=10)
   if jax.process_index() == 0:
     binding.plot_vs_guidance(rows, os.path.join(eval_dir, f'step{step:08d}_binding.png'), keys)
-  _write_json(path, rows)
+  _write_json(path, [{**row, 'settings': settings} for row in rows])
   return rows
 
 
