@@ -3,10 +3,10 @@
 Like the trainer, this module reads the ConfigDict and hands typed arguments to eval/. Results go to
 <workdir>/eval/: one JSON per (checkpoint, sampler) — written last, so a preempted run redoes only the
 unfinished pair, and named with a hash of the settings it depends on, so a rerun with other settings (guidance,
-time grid, number of samples...) computes a new result instead of returning the old one — plus, per checkpoint, a table (JSON + markdown) and a plot of FID against NFE, and
-TensorBoard scalars under <workdir>/tb. On several hosts every host computes (generation and features are
-split over the global mesh), process 0 alone writes, and whether a result already exists is decided by
-process 0 for all, so every host makes the same collective calls.
+time grid, number of samples...) computes a new result instead of returning the old one — plus, per checkpoint,
+a table (JSON + markdown) and a plot of FID against NFE, and TensorBoard scalars under <workdir>/tb. On several
+hosts every host computes (generation and features are split over the global mesh), process 0 alone writes, and
+whether a result already exists is decided by process 0 for all, so every host makes the same collective calls.
 """
 
 import hashlib
