@@ -2,9 +2,11 @@
 
 A sampler is `sample(rng, model_fn, process, shape, settings, cond=None) -> (samples, nfe)`, with
 model_fn(x, t, cond) -> (x0, eps) from diffusion.parameterization. Loops run inside jit with
-lax.fori_loop: no host sync per step.
+lax.fori_loop (`step_loop`): no host sync per step.
 """
 
+import contextlib
+import contextvars
 from typing import Any, Callable
 
 import jax
@@ -91,15 +93,38 @@ def _time_grid(process: Process, k: int, spacing: str, t_end: float | None, rho:
   return process.t_from_index(jnp.asarray(index[::-1].copy()))
 
 
+_UNROLL = contextvars.ContextVar('unroll_sampler_loops', default=False)
+
+
+@contextlib.contextmanager
+def unrolled_loops():
+  """Samplers traced inside this context unroll their step loop (K copies of the step in the program).
+
+  For differentiating a few-step sampler end to end (samplers/step_schedule.py): XLA:CPU runs reverse mode
+  through an unrolled loop about 6x faster than through lax.fori_loop, whose backward pass stacks each step's
+  residuals (MNIST default model, 10-step DPM-Solver++ at batch 16 with guidance, 2 CPU cores: 4.8 -> 0.75 s
+  per gradient). Forward sampling gains nothing from it and keeps the compact loop. It acts when a sampler is
+  traced: a function jax already traced (and cached) outside the context keeps its rolled loop."""
+  token = _UNROLL.set(True)
+  try:
+    yield
+  finally:
+    _UNROLL.reset(token)
+
+
+def step_loop(num_steps: int, body: Callable[[Any, Any], Any], carry: Any) -> Any:
+  """lax.fori_loop(0, num_steps, body, carry): every sampler's step loop (unrolled inside `unrolled_loops`)."""
+  return jax.lax.fori_loop(0, num_steps, body, carry, unroll=True if _UNROLL.get() else 1)
+
+
 def run_grid(rng: Array, model_fn, process: Process, shape: tuple[int, ...], ts: Array,
              step: Callable[[Array, Array, Array, Array], Array], *, nfe_per_step: int, denoise: bool,
              clip_range: tuple[float, float] | None = None, cond: Any = None) -> tuple[Array, int]:
   """The loop of every grid sampler: a prior draw at ts[0], then x <- step(x, t_i, t_{i+1}, rng_i) for
-  i = 0..K-2 in one lax.fori_loop, then (optionally) the final noise removal. Returns (x, NFE)."""
+  i = 0..K-2 in one `step_loop`, then (optionally) the final noise removal. Returns (x, NFE)."""
   rng_prior, rng_loop = jax.random.split(rng)
   x = process.prior_sample(rng_prior, shape)
-  x = jax.lax.fori_loop(0, ts.shape[0] - 1,
-                        lambda i, x: step(x, ts[i], ts[i + 1], jax.random.fold_in(rng_loop, i)), x)
+  x = step_loop(ts.shape[0] - 1, lambda i, x: step(x, ts[i], ts[i + 1], jax.random.fold_in(rng_loop, i)), x)
   nfe = (ts.shape[0] - 1) * nfe_per_step
   if denoise:
     x, nfe = denoise_step(model_fn, x, ts[-1], cond, clip_range), nfe + 1

@@ -73,5 +73,5 @@ def sample(rng: jax.Array, model_fn: ModelFn, process: Process, shape: tuple[int
     return x_next, m0, m1
 
   zeros = jnp.zeros(shape, jnp.float32)
-  x, _, _ = jax.lax.fori_loop(0, k - 1, body, (x, zeros, zeros))
+  x, _, _ = base.step_loop(k - 1, body, (x, zeros, zeros))
   return predict(x, k - 1), k

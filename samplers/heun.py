@@ -57,6 +57,6 @@ def sample(rng: jax.Array, model_fn: ModelFn, process: Process, shape: tuple[int
     d_next = (x_next - denoise(x_next, levels[i + 1], ts[i + 1])) / levels[i + 1]
     return x_hat + (levels[i + 1] - s_hat) * 0.5 * (d + d_next)
 
-  x_hat = jax.lax.fori_loop(0, k - 1, body, x_hat)
+  x_hat = base.step_loop(k - 1, body, x_hat)
   x_hat, s_hat, t_hat = churn(x_hat, k - 1, jax.random.fold_in(rng_loop, k - 1))
   return denoise(x_hat, s_hat, t_hat), 2 * k - 1  # the Euler step to s = 0 lands on D(x_hat; s_hat)

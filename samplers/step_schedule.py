@@ -5,8 +5,8 @@ Few-step samplers lose most of their accuracy to where the steps are, not to the
 grid is parametrized in log-SNR so that it is always valid: t_0 = T is fixed, the last time t_{K-1} moves
 between T and t_min through a sigmoid, and the interior points sit at cumulative softmax fractions of that
 span (strictly decreasing t). Adam minimizes the mean squared distance between the sampler's output and a
-teacher's (a many-step sampler) from the same prior draws; the sampler is differentiated end to end (its
-lax.fori_loop has a fixed trip count, so reverse mode works). The tuned grid is then an ordinary
+teacher's (a many-step sampler) from the same prior draws; the sampler is differentiated end to end, its
+step loop unrolled (base.unrolled_loops: reverse mode through it is several times faster). The tuned grid is then an ordinary
 `timesteps` setting of that sampler (samplers/base.settings_grid), e.g. --config.sample.timesteps="(...)".
 
 Deterministic samplers only (DDIM eta=0, DPM-Solver++, UniPC, fixed-step ODE, EDM Heun without churn): the
@@ -66,12 +66,15 @@ def grid_from_params(process: Process, params: dict[str, Array], t_min: float) -
 
 def tune_timesteps(rng: Array, model_fn: ModelFn, process: Process, shape: tuple[int, ...],
                    sample_fn: SampleFn, settings: Any, teacher_fn: SampleFn, teacher_settings: Any,
-                   tune: TuneSettings = TuneSettings(), cond: Any = None, model_args: Any = None) -> TuneResult:
+                   tune: TuneSettings = TuneSettings(), cond: Any = None, model_args: Any = None,
+                   on_iter: Callable[[int, float], None] | None = None) -> TuneResult:
   """Tunes `settings`' grid (its timesteps if given, else num_steps of its spacing) for sample_fn.
 
   shape: [batch_size, ...] of the prior draws; rng fixes them (teacher and student draw the same prior).
   With model_args, model_fn is a function model_args -> model_fn: a network's parameters then enter the
   compiled programs as arguments instead of constants; so does `cond`, the sampler's condition (a pytree).
+  on_iter(i, loss) is called after each Adam step (a progress bar); the first call comes after the teacher's
+  samples and the first compilation.
   """
   make = model_fn if model_args is not None else (lambda _: model_fn)
   t_min = float(process.t_eps if tune.t_min is None else tune.t_min)
@@ -82,7 +85,8 @@ def tune_timesteps(rng: Array, model_fn: ModelFn, process: Process, shape: tuple
 
   def loss_fn(params, args, cond):
     ts = grid_from_params(process, params, t_min)
-    x, _ = sample_fn(rng, make(args), process, shape, dataclasses.replace(settings, timesteps=ts), cond)
+    with base.unrolled_loops():  # at trace time
+      x, _ = sample_fn(rng, make(args), process, shape, dataclasses.replace(settings, timesteps=ts), cond)
     return jnp.mean((x - target) ** 2)
 
   optimizer = optax.adam(tune.lr)
@@ -97,16 +101,18 @@ def tune_timesteps(rng: Array, model_fn: ModelFn, process: Process, shape: tuple
   opt_state = optimizer.init(params)
   best = (float('inf'), params)
   losses = []
-  for _ in range(tune.num_iters):
+  for i in range(tune.num_iters):
     new_params, opt_state, loss = update(params, opt_state, model_args, cond)
     loss = float(loss)  # the loss of `params`, before this update
     if not np.isfinite(loss):
       raise ValueError(f'step-schedule tuning diverged (loss {loss}); lower tune.lr')
     losses.append(loss)
+    if on_iter is not None:
+      on_iter(i, loss)
     if loss < best[0]:
       best = (loss, params)
     params = new_params
-  final = float(jax.jit(loss_fn)(params, model_args, cond))
+  final = float(update(params, opt_state, model_args, cond)[2])  # the last grid's loss, without a new compile
   if final < best[0]:
     best = (final, params)
   ts = np.asarray(grid_from_params(process, best[1], t_min), np.float64)

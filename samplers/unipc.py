@@ -127,6 +127,6 @@ def sample(rng: jax.Array, model_fn: ModelFn, process: Process, shape: tuple[int
 
   zeros = jnp.zeros(shape, jnp.float32)
   carry = (x, x, zeros, zeros, zeros, jnp.int32(1))
-  x, *_ = jax.lax.fori_loop(0, k - 1, body, carry)
+  x, *_ = base.step_loop(k - 1, body, carry)
   return predict(x, k - 1), k
 

@@ -231,3 +231,31 @@ def test_sampler_loops_hold_no_nested_while_loops(sampler):
   model_fn = lambda x, t, c=None: (x * process.alpha(t)[:, None], x * process.sigma(t)[:, None])
   jaxpr = jax.make_jaxpr(lambda r: fn(r, model_fn, process, (2, 3), settings))(jax.random.key(0))
   assert _nested_whiles(jaxpr.jaxpr) == 0
+
+
+def _loop_unrolls(jaxpr) -> list[bool]:
+  """For each loop of a jaxpr (nested ones included): whether it is fully unrolled (a scan with unroll = length)."""
+  out = []
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name in ('while', 'scan'):
+      unroll = eqn.params.get('unroll')
+      out.append(unroll is True or (not isinstance(unroll, bool) and unroll == eqn.params.get('length')))
+    for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+      out += _loop_unrolls(sub)
+  return out
+
+
+@pytest.mark.parametrize('sampler', ['ddim', 'dpm_solver', 'unipc', 'heun'])
+def test_unrolled_loops_give_the_same_samples(sampler):
+  """Inside base.unrolled_loops (step tuning's gradients) a sampler's step loop is fully unrolled, and draws the
+  same samples as its rolled loop."""
+  process = processes.get_process('vp')
+  settings, fn = get_sampler(sampler, num_steps=5)
+  model_fn = MIXTURE.model_fn(process)
+  run = lambda r: fn(r, model_fn, process, (64, 2), settings)[0]
+  looped = _loop_unrolls(jax.make_jaxpr(run)(jax.random.key(0)).jaxpr)
+  with base.unrolled_loops():  # a new function: jax caches traces per function, whatever the context
+    unrolled = _loop_unrolls(jax.make_jaxpr(lambda r: run(r))(jax.random.key(0)).jaxpr)
+    x_unrolled = jax.jit(lambda r: run(r))(jax.random.key(3))
+  assert looped == [False] and unrolled == [True]
+  np.testing.assert_allclose(x_unrolled, jax.jit(run)(jax.random.key(3)), rtol=1e-5, atol=1e-5)

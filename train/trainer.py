@@ -18,6 +18,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
+from tqdm import tqdm
 
 import models
 import samplers
@@ -455,11 +456,18 @@ def tune_steps(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   cond = jax.jit(lambda table, y: generate.condition(text, table, y))(table, labels)  # encoded once
   t0 = time.perf_counter()
-  result = step_schedule.tune_timesteps(
-      jax.random.fold_in(jax.random.key(config.seed), 5), make_model_fn, process,
-      (t.batch_size, *model_input_shape(config, codec)), sample_fn, settings, teacher_fn, teacher_settings,
-      step_schedule.TuneSettings(num_iters=t.num_iters, lr=t.lr, t_min=t.t_min), cond=cond,
-      model_args=(state.ema_params, state.buffers, table))
+  # The bar's first tick comes after the teacher's samples and the first compilation.
+  bar = tqdm(total=t.num_iters, desc=f'tuning {s.sampler} {s.num_steps} steps (teacher {t.teacher} first)',
+             unit='iter', dynamic_ncols=True, disable=jax.process_index() != 0)
+  on_iter = lambda i, loss: (bar.update(1), bar.set_postfix(mse=f'{loss:.4g}'))
+  try:
+    result = step_schedule.tune_timesteps(
+        jax.random.fold_in(jax.random.key(config.seed), 5), make_model_fn, process,
+        (t.batch_size, *model_input_shape(config, codec)), sample_fn, settings, teacher_fn, teacher_settings,
+        step_schedule.TuneSettings(num_iters=t.num_iters, lr=t.lr, t_min=t.t_min), cond=cond,
+        model_args=(state.ema_params, state.buffers, table), on_iter=on_iter)
+  finally:
+    bar.close()
   grid = ', '.join(f'{x:.6g}' for x in result.timesteps)
   info = {'sampler': s.sampler, 'num_steps': len(result.timesteps), 'step': int(state.step),
           'teacher': t.teacher, 'timesteps': list(result.timesteps), 'initial_mse': result.initial_loss,
