@@ -17,7 +17,7 @@ from ml_collections import config_flags
 
 MODES = ('train', 'sample', 'eval', 'fid_stats', 'tune_steps')
 
-DEFAULT_CONFIG = 'configs/mnist/edm.py'
+DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configs', 'mnist', 'edm.py')  # from any cwd
 FLAGS = flags.FLAGS
 
 

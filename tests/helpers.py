@@ -24,11 +24,11 @@ def env() -> dict[str, str]:
 
 
 def main_py(*args: str, workdir: str | None = None, check: bool = False, timeout: float = 600,
-            tiny: bool = True) -> subprocess.CompletedProcess:
+            tiny: bool = True, cwd: str = ROOT) -> subprocess.CompletedProcess:
   cmd = [sys.executable, os.path.join(ROOT, 'main.py'), *(TINY if tiny else []), *args]
   if workdir is not None:
     cmd.append(f'--workdir={workdir}')
-  proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=timeout)
+  proc = subprocess.run(cmd, cwd=cwd, env=env(), capture_output=True, text=True, timeout=timeout)
   if check and proc.returncode != 0:
     raise AssertionError(f'main.py failed ({proc.returncode}):\n{proc.stderr[-3000:]}')
   return proc

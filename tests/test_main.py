@@ -36,6 +36,9 @@ def test_unknown_override_key(tmp_path):
 
 def test_wrong_type_override(tmp_path):
   _one_error(main_py('--config.training.batch_size=abc', workdir=str(tmp_path)), 'training.batch_size')
+  # the default config file loads (and checks the value's type) from any working directory
+  _one_error(main_py('--config.training.batch_size=abc', workdir=str(tmp_path), tiny=False, cwd=str(tmp_path)),
+             'training.batch_size')
 
 
 def test_misspelled_key_in_a_variant(tmp_path):
