@@ -7,11 +7,13 @@ state is donated. Prints one JSON line per (dtype, batch, steps_per_call):
   dense bf16 rate, 989 TFLOP/s, as in the PyTorch peer's log).
 
   python bench/train_throughput.py [--batch 128 512] [--dtype bfloat16 float32] [--steps 20]
-      [--variant base 'model.dropout=0.0' 'model.attention=cudnn'] [--profile DIR]
+      [--variant base 'model.dropout=0.0' 'model.attention=cudnn'] [--profile DIR] [--dump_hlo DIR]
 
 A variant is a comma-separated list of config overrides (key=value), measured as one more row: an ablation that
 says what a part of the step costs. --profile traces 5 steps of each row with jax.profiler into DIR/<row> and
-prints where the device time goes (bench/profile_ops.py: time per op kind and the top ops).
+prints where the device time goes (bench/profile_ops.py: time per op kind and the top ops). --dump_hlo writes each
+row's compiled program (the optimized HLO: fusions, layouts, library calls) to DIR/<row>.hlo.txt.gz, to study the
+GPU's program where no GPU is at hand; the profile's top ops name its fusions.
 
 The PyTorch peer (diffusers UNet2DModel, torch.compile + bf16 autocast) is ../shared/bench/peer_pytorch.py,
 run in the same device call; bench/RESULTS.md records both.
@@ -19,6 +21,7 @@ run in the same device call; bench/RESULTS.md records both.
 
 import argparse
 import ast
+import gzip
 import json
 import os
 import statistics
@@ -56,7 +59,7 @@ def overrides(variant: str) -> dict:
 
 
 def measure(dtype: str, batch: int, steps_per_call: int, timed_calls: int, image_size: int, nf: int,
-            variant: str = 'base', profile_dir: str | None = None) -> dict:
+            variant: str = 'base', profile_dir: str | None = None, hlo_dir: str | None = None) -> dict:
   config = ddpm.get_config()
   config.model.dtype = dtype
   config.model.nf = nf
@@ -95,12 +98,16 @@ def measure(dtype: str, batch: int, steps_per_call: int, timed_calls: int, image
     times.append((time.perf_counter() - t) / steps_per_call)
   step_s = statistics.median(times)
   mem = jax.devices()[0].memory_stats() or {}
+  name = f'{dtype}_b{batch}_k{steps_per_call}_{variant}'.replace('=', '-').replace(',', '+')
+  if hlo_dir:
+    os.makedirs(hlo_dir, exist_ok=True)
+    with gzip.open(os.path.join(hlo_dir, f'{name}.hlo.txt.gz'), 'wt') as f:
+      f.write(compiled.as_text())
   if profile_dir:
     def call():
       nonlocal state
       state, m = compiled(state, batches)
       return m
-    name = f'{dtype}_b{batch}_k{steps_per_call}_{variant}'.replace('=', '-').replace(',', '+')
     summary = profile_ops.profile(call, 5, os.path.join(profile_dir, name), compiled.as_text())
     emit(what='train_profile', impl=f'ours jax {dtype}', batch=batch, variant=variant,
          per_step_ms=round(summary['device_ms_per_call'] / steps_per_call, 3), **summary)
@@ -122,6 +129,7 @@ def main():
   parser.add_argument('--nf', type=int, default=128, help='128: the DDPM CIFAR-10 network; smaller for smoke tests')
   parser.add_argument('--variant', nargs='+', default=['base'], help="'base' or config overrides 'a.b=v,c.d=w'")
   parser.add_argument('--profile', default=None, help='trace 5 steps of each row into this folder and summarize')
+  parser.add_argument('--dump_hlo', default=None, help="write each row's compiled HLO (gzipped) into this folder")
   args = parser.parse_args()
   emit(what='device', device=str(jax.devices()[0]), jax=jax.__version__, backend=jax.default_backend())
   for dtype in args.dtype:
@@ -129,7 +137,8 @@ def main():
       for k in args.steps_per_call:
         for variant in args.variant:
           try:
-            emit(**measure(dtype, batch, k, args.steps, args.image_size, args.nf, variant, args.profile))
+            emit(**measure(dtype, batch, k, args.steps, args.image_size, args.nf, variant, args.profile,
+                           args.dump_hlo))
           except Exception as e:  # one failed configuration (e.g. out of memory) must not lose the others
             emit(what='train_failed', impl=f'ours jax {dtype}', batch=batch, steps_per_call=k, variant=variant,
                  err=repr(e)[:300])
