@@ -137,3 +137,16 @@ def test_remat_gives_the_same_loss_and_gradients():
   for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1), strict=True):
     np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-7)
   assert any(float(jnp.abs(a).max()) > 0 for a in jax.tree.leaves(g0))
+
+
+def test_upsample_nearest_is_resize_nearest_without_a_scatter_in_its_gradient():
+  """The broadcast upsampling equals jax.image.resize('nearest') at x2, value and gradient; its gradient is a sum
+  (resize's is a scatter-add, which XLA:GPU runs as separate, slow kernels)."""
+  x = jax.random.normal(jax.random.key(0), (2, 3, 5, 4))
+  w = jax.random.normal(jax.random.key(1), (2, 6, 10, 4))
+  ref = lambda x: jax.image.resize(x, (2, 6, 10, 4), 'nearest')
+  np.testing.assert_array_equal(layers.upsample_nearest(x), ref(x))
+  grad = lambda f: jax.grad(lambda x: jnp.sum(f(x) * w))
+  np.testing.assert_allclose(grad(layers.upsample_nearest)(x), grad(ref)(x), rtol=1e-6, atol=1e-6)
+  assert 'scatter' not in str(jax.make_jaxpr(grad(layers.upsample_nearest))(x))
+  assert 'scatter' in str(jax.make_jaxpr(grad(ref))(x))
