@@ -58,8 +58,9 @@ def overrides(variant: str) -> dict:
   return out
 
 
-def measure(dtype: str, batch: int, steps_per_call: int, timed_calls: int, image_size: int, nf: int,
-            variant: str = 'base', profile_dir: str | None = None, hlo_dir: str | None = None) -> dict:
+def build_step(dtype: str, batch: int, steps_per_call: int, image_size: int = 32, nf: int = 128,
+               variant: str = 'base'):
+  """(jitted step with the state donated, state, host batches [k, B, ...]) of the DDPM CIFAR-10 network."""
   config = ddpm.get_config()
   config.model.dtype = dtype
   config.model.nf = nf
@@ -75,7 +76,13 @@ def measure(dtype: str, batch: int, steps_per_call: int, timed_calls: int, image
   fn = jax.jit(step_lib.multi_step(one, steps_per_call), donate_argnums=0)
   rng = np.random.default_rng(0)
   images = rng.integers(0, 256, (steps_per_call, batch, image_size, image_size, 3), dtype=np.uint8)
-  batches = jax.device_put({'image': images, 'label': np.zeros((steps_per_call, batch), np.int32)})
+  return fn, state, {'image': images, 'label': np.zeros((steps_per_call, batch), np.int32)}
+
+
+def measure(dtype: str, batch: int, steps_per_call: int, timed_calls: int, image_size: int, nf: int,
+            variant: str = 'base', profile_dir: str | None = None, hlo_dir: str | None = None) -> dict:
+  fn, state, batches = build_step(dtype, batch, steps_per_call, image_size, nf, variant)
+  batches = jax.device_put(batches)
 
   t0 = time.perf_counter()
   lowered = fn.lower(state, batches)

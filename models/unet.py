@@ -186,5 +186,5 @@ class UNet(nnx.Module):
       if isinstance(block[0], layers.ResBlock) and not block[0].up:
         h = jnp.concatenate([h, hs.pop()], -1)
       h = self._run(block, h, temb, train, rngs, text)
-    h = nnx.silu(self.norm_out(h)).astype(dt)
+    h = self.norm_out(h, silu=True, dtype=dt)
     return self.conv_out(h)

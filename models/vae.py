@@ -43,11 +43,11 @@ def _conv(cin: int, cout: int, kernel: int = 3, *, dtype, rngs: nnx.Rngs, paddin
                   kernel_init=layers.default_init(), dtype=dtype, rngs=rngs)
 
 
-def _norm(channels: int, groups: int, *, rngs: nnx.Rngs) -> nnx.GroupNorm:
+def _norm(channels: int, groups: int, *, rngs: nnx.Rngs) -> layers.GroupNorm:
   """GroupNorm with exactly `groups` groups and eps 1e-6 (diffusers' VAE), computed in float32."""
   if channels % groups:
     raise ValueError(f'{channels} channels do not split into norm_num_groups={groups} groups')
-  return nnx.GroupNorm(channels, num_groups=groups, epsilon=1e-6, dtype=jnp.float32, rngs=rngs)
+  return layers.GroupNorm(channels, groups, 1e-6, rngs=rngs)
 
 
 class ResnetBlock(nnx.Module):
@@ -63,8 +63,8 @@ class ResnetBlock(nnx.Module):
 
   def __call__(self, x: Array, *, train: bool = False, rngs: nnx.Rngs | None = None) -> Array:
     dt = x.dtype
-    h = self.conv1(nnx.silu(self.norm1(x)).astype(dt))
-    h = self.dropout(nnx.silu(self.norm2(h)).astype(dt), deterministic=not train, rngs=rngs)
+    h = self.conv1(self.norm1(x, silu=True, dtype=dt))
+    h = self.dropout(self.norm2(h, silu=True, dtype=dt), deterministic=not train, rngs=rngs)
     h = self.conv2(h)
     return (self.conv_shortcut(x) if self.conv_shortcut is not None else x) + h
 
@@ -80,7 +80,7 @@ class Attention(nnx.Module):
 
   def __call__(self, x: Array) -> Array:
     b, hh, ww, c = x.shape
-    h = self.group_norm(x).astype(x.dtype).reshape(b, hh * ww, 1, c)  # [B, T, heads=1, C]
+    h = self.group_norm(x).reshape(b, hh * ww, 1, c)  # [B, T, heads=1, C]
     h = jax.nn.dot_product_attention(self.to_q(h), self.to_k(h), self.to_v(h))
     return x + self.to_out[0](h).reshape(b, hh, ww, c)
 
@@ -156,7 +156,7 @@ class Encoder(nnx.Module):
     for level in self.down_blocks:
       h = level(h, train=train, rngs=rngs)
     h = self.mid_block(h, train=train, rngs=rngs)
-    return self.conv_out(nnx.silu(self.conv_norm_out(h)).astype(h.dtype))
+    return self.conv_out(self.conv_norm_out(h, silu=True))
 
 
 class Decoder(nnx.Module):
@@ -178,7 +178,7 @@ class Decoder(nnx.Module):
     h = self.mid_block(self.conv_in(z), train=train, rngs=rngs)
     for level in self.up_blocks:
       h = level(h, train=train, rngs=rngs)
-    return nnx.silu(self.conv_norm_out(h)).astype(h.dtype)
+    return self.conv_norm_out(h, silu=True)
 
   def __call__(self, z: Array, *, train: bool = False, rngs=None) -> Array:
     return self.conv_out(self.features(z, train=train, rngs=rngs))

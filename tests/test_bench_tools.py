@@ -59,3 +59,20 @@ def test_benchmark_networks_have_the_peers_parameter_counts():
     model = nnx.eval_shape(lambda: trainer.build_model(config, jax.random.key(0), codec, text))  # shapes only
     parts['unet'] = sample_throughput.count(nnx.state(model, nnx.Param))
     assert parts == peer[network], network
+
+
+def test_gpu_program_counts_each_kernels_bytes():
+  """bench/gpu_program.py reads a compiled program's kernels and the bytes each reads and writes (here on the CPU's
+  program: one elementwise fusion over a [1000, 500] float32 array and a reduction of it to [1000])."""
+  from bench import gpu_program
+  assert gpu_program.shape_bytes('(bf16[512,32,32,128]{3,2,1,0}, f32[7]{0}, pred[3])') == 512 * 32 * 32 * 128 * 2 + 28 + 3
+  x = jnp.ones((1000, 500), jnp.float32)
+  text = jax.jit(lambda x: (jnp.exp(x) + 1.0, jnp.sum(x * x, axis=1))).lower(x).compile().as_text()
+  ks = gpu_program.kernels(text)
+  assert ks and all(k['bytes'] > 0 for k in ks)
+  total = sum(k['bytes'] for k in ks)
+  # x is 2 MB: at least x read once and both outputs written (2 MB + 4 kB); at most x read for each output
+  assert 4_004_000 <= total <= 6_004_000, total
+  summary = gpu_program.summarize(ks, bandwidth=1e12, flops=1e9, peak_flops=1e12, top=3)
+  assert summary['kernels'] == len(ks) and summary['gb_moved'] == round(total / 1e9, 2)
+  assert summary['compute_bound_ms'] == 1.0 and sum(r['kernels'] for r in summary['per_kind']) == len(ks)

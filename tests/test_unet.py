@@ -150,3 +150,38 @@ def test_upsample_nearest_is_resize_nearest_without_a_scatter_in_its_gradient():
   np.testing.assert_allclose(grad(layers.upsample_nearest)(x), grad(ref)(x), rtol=1e-6, atol=1e-6)
   assert 'scatter' not in str(jax.make_jaxpr(grad(layers.upsample_nearest))(x))
   assert 'scatter' in str(jax.make_jaxpr(grad(ref))(x))
+
+
+@pytest.mark.parametrize('shape,groups', [((3, 5, 4, 16), 4), ((2, 7, 12), 3)])
+@pytest.mark.parametrize('silu', [False, True])
+def test_group_norm_matches_flax_in_value_and_gradient(shape, groups, silu):
+  """layers.GroupNorm (float32 statistics, written backward pass) equals nnx.GroupNorm (+ SiLU) under autodiff:
+  outputs and the gradients of x, scale and bias, in float32; in bfloat16 up to its rounding."""
+  c = shape[-1]
+  ours = layers.GroupNorm(c, groups, 1e-6, rngs=nnx.Rngs(0))
+  ref = nnx.GroupNorm(c, num_groups=groups, epsilon=1e-6, dtype=jnp.float32, rngs=nnx.Rngs(0))
+  keys = jax.random.split(jax.random.key(1), 4)
+  params = {'scale': 1 + 0.3 * jax.random.normal(keys[0], (c,)), 'bias': 0.2 * jax.random.normal(keys[1], (c,))}
+  x = 3.0 + 2.0 * jax.random.normal(keys[2], shape)  # an offset mean: the fast variance's cancellation shows
+  w = jax.random.normal(keys[3], shape)
+
+  def loss(module, params, x, fused):
+    graphdef, state = nnx.split(module)
+    state = nnx.State(state)
+    state.replace_by_pure_dict(params)
+    module = nnx.merge(graphdef, state)
+    y = module(x, silu=True) if fused and silu else module(x)
+    if silu and not fused:
+      y = nnx.silu(y)
+    return jnp.sum(y.astype(jnp.float32) * w), y.astype(x.dtype)
+
+  for dtype, tol in ((jnp.float32, 2e-5), (jnp.bfloat16, 3e-2)):
+    xd = x.astype(dtype)
+    (_, y), grads = jax.value_and_grad(lambda p, x: loss(ours, p, x, True), argnums=(0, 1), has_aux=True)(params, xd)
+    (_, y_ref), grads_ref = jax.value_and_grad(lambda p, x: loss(ref, p, x, False), argnums=(0, 1),
+                                               has_aux=True)(params, xd)
+    assert y.dtype == dtype and grads[1].dtype == dtype
+    np.testing.assert_allclose(np.float32(y), np.float32(y_ref), rtol=tol, atol=tol)
+    for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_ref)):
+      scale = float(jnp.max(jnp.abs(jnp.float32(b))))
+      np.testing.assert_allclose(np.float32(a) / scale, np.float32(b) / scale, rtol=tol, atol=tol)

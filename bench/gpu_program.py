@@ -1,0 +1,146 @@
+"""The training step's XLA:GPU program without a GPU: its kernels and the bytes each one moves.
+
+GPU time is scarce; between GPU sessions this compiles the step for an H100 or H200 *description* (deviceless
+ahead-of-time compilation through jax's CUDA plugin: jax.experimental.topologies with a target config) and reads
+the optimized HLO that XLA:GPU would run: which kernels it launches (fusions, cuDNN convolutions, GEMM fusions,
+copies), where each comes from in the JAX program, and the DRAM bytes each one reads and writes. The sum over
+kernels, divided by the memory bandwidth, is a memory roofline of the step; with the FLOPs of the lowered
+program over the peak rate, it says how far the measured step time is from its bounds, and an optimization that
+removes kernels or bytes can be checked before the next GPU session measures it.
+
+Limits: no autotuning happens without a device (XLA's default fusion and convolution choices stand, as with
+--xla_gpu_autotune_level=0), bytes count each kernel's operands and outputs once (the L2 cache may serve some),
+and only the top-level program is read (one step per call: --steps_per_call 1).
+
+Needs jax's CUDA plugin of the same version as jax (`pip install "jax[cuda12]==<jax version>"`), no GPU:
+  python bench/gpu_program.py [--target h100|h200] [--dtype bfloat16] [--batch 512] [--variant 'a.b=v']
+      [--top 20] [--hlo out.hlo.txt.gz]
+"""
+
+import argparse
+import collections
+import gzip
+import json
+import os
+import re
+import sys
+
+os.environ.setdefault('JAX_SKIP_CUDA_CONSTRAINTS_CHECK', '1')  # no GPU here: skip the CUDA driver probe
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
+
+# Hopper SXM parts by the vendor's datasheets (the fields XLA:GPU's compiler reads from a device description).
+_HOPPER = '''gpu_device_info {{
+  threads_per_block_limit: 1024 threads_per_warp: 32 shared_memory_per_block: 49152
+  shared_memory_per_core: 233472 threads_per_core_limit: 2048 core_count: 132 fpus_per_core: 128
+  block_dim_limit_x: 2147483647 block_dim_limit_y: 65535 block_dim_limit_z: 65535
+  memory_bandwidth: {bandwidth} l2_cache_size: 52428800 clock_rate_ghz: 1.98 device_memory_size: {memory}
+  shared_memory_per_block_optin: 232448 cuda_compute_capability {{ major: 9 }}
+  registers_per_core_limit: 65536 registers_per_block_limit: 65536
+}}
+platform_name: "CUDA" dnn_version_info {{ major: 9 minor: 8 }} runtime_version {{ major: 12 minor: 8 }}
+device_description_str: "{name}"
+'''
+TARGETS = {  # name -> (device description, memory bandwidth bytes/s, dense bf16 FLOP/s)
+    'h100': (_HOPPER.format(bandwidth=3352320000000, memory=84929347584, name='NVIDIA H100 80GB HBM3'),
+             3.35e12, 989e12),
+    'h200': (_HOPPER.format(bandwidth=4800000000000, memory=150754820096, name='NVIDIA H200'), 4.8e12, 989e12),
+}
+_DTYPE_BYTES = {'pred': 1, 's8': 1, 'u8': 1, 'bf16': 2, 'f16': 2, 's16': 2, 'u16': 2, 'f32': 4, 's32': 4,
+                'u32': 4, 'f64': 8, 's64': 8, 'u64': 8}
+_SHAPE = re.compile(r'\b(pred|[suf]\d+|bf16)\[([\d,]*)\]')
+_KERNEL = re.compile(r'^\s*(?:ROOT\s+)?%([\w.\-]+) = (.*?) ([a-z][\w\-]*)\((.*?)\)(, .*)?$')
+_NOT_KERNELS = {'parameter', 'constant', 'bitcast', 'get-tuple-element', 'tuple', 'after-all', 'partition-id'}
+
+
+def shape_bytes(text: str) -> int:
+  """Bytes of every array shape written in `text` (e.g. '(bf16[512,32,32,128]{3,2,1,0}, f32[512]{0})')."""
+  return sum(_DTYPE_BYTES[dt] * int(np.prod([int(d) for d in dims.split(',') if d] or [1]))
+             for dt, dims in _SHAPE.findall(text) if dt in _DTYPE_BYTES)
+
+
+def kernels(hlo_text: str) -> list[dict]:
+  """The kernels of the program's entry computation, in order: name, kind, bytes read + written, JAX origin."""
+  entry = hlo_text[hlo_text.index('\nENTRY'):]
+  entry = entry[entry.index('\n', 1) + 1:entry.index('\n}')]
+  shapes, out = {}, []
+  for line in entry.splitlines():
+    m = _KERNEL.match(line)
+    if not m:
+      continue
+    name, result, op, args, rest = m.group(1), m.group(2), m.group(3), m.group(4), m.group(5) or ''
+    shapes[name] = result
+    if op in _NOT_KERNELS:
+      continue
+    if op == 'custom-call':
+      kind = re.search(r'custom_call_target="([^"]+)"', rest).group(1)
+      result = re.sub(r'u8\[\d+\]\{0\}', '', result)  # a library call's scratch space is not traffic
+    elif op == 'fusion':
+      kind = 'fusion ' + re.search(r'kind=(k\w+)', rest).group(1)
+    else:
+      kind = op
+    read = sum(shape_bytes(shapes.get(o, '')) for o in re.findall(r'%([\w.\-]+)', args))
+    origin = re.search(r'op_name="([^"]*)"', rest)
+    out.append({'name': name, 'kind': kind, 'bytes': read + shape_bytes(result),
+                'origin': origin.group(1) if origin else ''})
+  return out
+
+
+def summarize(ks: list[dict], bandwidth: float, flops: float, peak_flops: float, top: int) -> dict:
+  """Totals, bytes per kernel kind and per JAX origin (forward / backward, last op), and the top kernels."""
+  per_kind, per_origin = collections.defaultdict(lambda: [0, 0]), collections.defaultdict(lambda: [0, 0])
+  for k in ks:
+    per_kind[k['kind']][0] += 1
+    per_kind[k['kind']][1] += k['bytes']
+    phase = 'backward' if 'transpose(' in k['origin'] else 'forward'
+    per_origin[f"{phase} {k['origin'].split('/')[-1] or '?'}"][0] += 1
+    per_origin[f"{phase} {k['origin'].split('/')[-1] or '?'}"][1] += k['bytes']
+  total = sum(k['bytes'] for k in ks)
+  table = lambda d: [{'what': w, 'kernels': n, 'gb': round(b / 1e9, 3), 'ms_at_bandwidth': round(b / bandwidth * 1e3, 3)}
+                     for w, (n, b) in sorted(d.items(), key=lambda kv: -kv[1][1])]
+  return {'kernels': len(ks), 'gb_moved': round(total / 1e9, 2), 'memory_bound_ms': round(total / bandwidth * 1e3, 2),
+          'gflop': round(flops / 1e9, 1), 'compute_bound_ms': round(flops / peak_flops * 1e3, 2),
+          'per_kind': table(per_kind), 'per_origin': table(per_origin)[:top],
+          'top': [{'name': k['name'], 'kind': k['kind'], 'gb': round(k['bytes'] / 1e9, 3), 'origin': k['origin']}
+                  for k in sorted(ks, key=lambda k: -k['bytes'])[:top]]}
+
+
+def compile_for(target: str, fn, *args):
+  """fn (jitted) compiled for a one-GPU `target` description, with every argument replicated on it."""
+  from jax.experimental import topologies
+  topology = topologies.get_topology_desc(platform='cuda', target_config=TARGETS[target][0], topology='1x1x1')
+  mesh = topologies.make_mesh(topology, (1,), ('data',))
+  spec = lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=NamedSharding(mesh, PartitionSpec()))
+  lowered = fn.trace(*jax.tree.map(spec, args)).lower()
+  return lowered, lowered.compile()
+
+
+def main():
+  from bench import train_throughput
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--target', default='h100', choices=sorted(TARGETS))
+  parser.add_argument('--dtype', default='bfloat16')
+  parser.add_argument('--batch', type=int, default=512)
+  parser.add_argument('--nf', type=int, default=128)
+  parser.add_argument('--variant', default='base', help="'base' or config overrides 'a.b=v,c.d=w'")
+  parser.add_argument('--top', type=int, default=20)
+  parser.add_argument('--hlo', default=None, help='also write the optimized HLO text here (gzipped)')
+  args = parser.parse_args()
+  fn, state, batches = train_throughput.build_step(args.dtype, args.batch, 1, nf=args.nf, variant=args.variant)
+  _, compiled = compile_for(args.target, fn, state, batches)
+  text = compiled.as_text()
+  if args.hlo:
+    with gzip.open(args.hlo, 'wt') as f:
+      f.write(text)
+  cost = fn.lower(state, batches).cost_analysis()  # the FLOPs of the program as written (on the host backend:
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost  # the device-less lowering has no cost analysis)
+  _, bandwidth, peak = TARGETS[args.target]
+  print(json.dumps({'target': args.target, 'dtype': args.dtype, 'batch': args.batch, 'variant': args.variant,
+                    **summarize(kernels(text), bandwidth, float(cost.get('flops', 0.0)), peak, args.top)}))
+
+
+if __name__ == '__main__':
+  main()
