@@ -4,11 +4,12 @@
 # Prepare here first: ../shared/tools/device_wheels.sh  (-> .whl/), and copy ../shared/bench/peer_pytorch.py to
 # .peer/; then run with carry [".whl", ".peer"]:
 #   bash bench/device_run.sh [check|sample|train|profile|fid|peer|all]...
-# check    bench/gpu_checks.py: cuDNN attention against XLA (bf16), ~1 min
+# check    bench/gpu_checks.py: cuDNN and Pallas attention against XLA (bf16), ~1 min
 # sample   ours (both networks, bf16), then the peer (same networks, torch.compile), ~8 min; NETWORKS=ddpm_cifar10
 #          for the DDPM network alone
 # train    the training step, bf16 and fp32 at batch 128 and 512, ~5 min
-# profile  the bf16 batch-512 step: base, cuDNN attention, no dropout, each with a per-op profile and its
+# profile  the bf16 batch-512 step: base, Pallas flash attention (cuDNN's rejects the DDPM network's 256-wide
+#          head), no dropout, each with a per-op profile and its
 #          compiled HLO (returned as $OUT/hlo.tar, to study XLA:GPU's fusions on the CPU), ~6 min
 # fid      FID Inception features, bf16 and TF32, ~1 min
 # peer     the PyTorch training peer with compiled batch 128 (PEER_QUICK=0), ~7 min
@@ -30,7 +31,7 @@ for what in "${@:-all}"; do
                 run peer_sampling 300 python3 bench/peer_sampling.py --calls 3 --network $NETWORKS ;;&
     train|all) run train 300 python3 bench/train_throughput.py --dtype bfloat16 float32 --batch 128 512 ;;&
     profile|all) run profile 400 python3 bench/train_throughput.py --dtype bfloat16 --batch 512 --steps 10 \
-                   --variant base model.attention=cudnn model.dropout=0.0 --profile /tmp/profile --dump_hlo /tmp/hlo ;;&
+                   --variant base model.attention=pallas model.dropout=0.0 --profile /tmp/profile --dump_hlo /tmp/hlo ;;&
     fid|all) run fid 60 python3 bench/fid_throughput.py --numerics bf16 'fp32/tf32' ;;&
     peer) PEER_QUICK=0 run peer 420 python3 .peer/peer_pytorch.py ;;
   esac

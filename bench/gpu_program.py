@@ -89,7 +89,7 @@ def kernels(hlo_text: str) -> list[dict]:
   return out
 
 
-def summarize(ks: list[dict], bandwidth: float, flops: float, peak_flops: float, top: int) -> dict:
+def summarize(ks: list[dict], bandwidth: float, flops: float | None, peak_flops: float, top: int) -> dict:
   """Totals, bytes per kernel kind and per JAX origin (forward / backward, last op), and the top kernels."""
   per_kind, per_origin = collections.defaultdict(lambda: [0, 0]), collections.defaultdict(lambda: [0, 0])
   for k in ks:
@@ -102,7 +102,8 @@ def summarize(ks: list[dict], bandwidth: float, flops: float, peak_flops: float,
   table = lambda d: [{'what': w, 'kernels': n, 'gb': round(b / 1e9, 3), 'ms_at_bandwidth': round(b / bandwidth * 1e3, 3)}
                      for w, (n, b) in sorted(d.items(), key=lambda kv: -kv[1][1])]
   return {'kernels': len(ks), 'gb_moved': round(total / 1e9, 2), 'memory_bound_ms': round(total / bandwidth * 1e3, 2),
-          'gflop': round(flops / 1e9, 1), 'compute_bound_ms': round(flops / peak_flops * 1e3, 2),
+          'gflop': None if flops is None else round(flops / 1e9, 1),
+          'compute_bound_ms': None if flops is None else round(flops / peak_flops * 1e3, 2),
           'per_kind': table(per_kind), 'per_origin': table(per_origin)[:top],
           'top': [{'name': k['name'], 'kind': k['kind'], 'gb': round(k['bytes'] / 1e9, 3), 'origin': k['origin']}
                   for k in sorted(ks, key=lambda k: -k['bytes'])[:top]]}
@@ -129,17 +130,23 @@ def main():
   parser.add_argument('--top', type=int, default=20)
   parser.add_argument('--hlo', default=None, help='also write the optimized HLO text here (gzipped)')
   args = parser.parse_args()
+  from models import layers
+  host_check = layers.check_attention
+  layers.check_attention = lambda a: host_check('xla') and a  # the program is for a GPU; this host's is the CPU
   fn, state, batches = train_throughput.build_step(args.dtype, args.batch, 1, nf=args.nf, variant=args.variant)
   _, compiled = compile_for(args.target, fn, state, batches)
   text = compiled.as_text()
   if args.hlo:
     with gzip.open(args.hlo, 'wt') as f:
       f.write(text)
-  cost = fn.lower(state, batches).cost_analysis()  # the FLOPs of the program as written (on the host backend:
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost  # the device-less lowering has no cost analysis)
+  try:  # the FLOPs of the program as written, lowered for the host (the device-less lowering has no cost analysis)
+    cost = fn.lower(state, batches).cost_analysis()
+    flops = float((cost[0] if isinstance(cost, (list, tuple)) else cost).get('flops', 0.0))
+  except Exception:  # noqa: BLE001 (a GPU-only kernel, e.g. Pallas / Triton attention, has no host lowering)
+    flops = None
   _, bandwidth, peak = TARGETS[args.target]
   print(json.dumps({'target': args.target, 'dtype': args.dtype, 'batch': args.batch, 'variant': args.variant,
-                    **summarize(kernels(text), bandwidth, float(cost.get('flops', 0.0)), peak, args.top)}))
+                    **summarize(kernels(text), bandwidth, flops, peak, args.top)}))
 
 
 if __name__ == '__main__':

@@ -48,7 +48,7 @@ def parse_hlo(text: str) -> tuple[dict[str, str], dict[str, str]]:
 def kind_of(name: str, line: str, body: str) -> str:
   """The kind of an op from its name, its HLO line and (a fusion's) fused computation."""
   text = f'{name} {line} {body}'
-  if re.search(r'fmha|flash_attention|dot_product_attention', text, re.I):
+  if re.search(r'fmha|flash_attention|dot_product_attention|\bmha_(?:forward|backward|preprocess)', text, re.I):
     return 'attention'
   if re.search(r'\bconvolution\(|cudnn\$conv|convForward|convBackward', text):
     return 'convolution'

@@ -7,7 +7,7 @@ state is donated. Prints one JSON line per (dtype, batch, steps_per_call):
   dense bf16 rate, 989 TFLOP/s, as in the PyTorch peer's log).
 
   python bench/train_throughput.py [--batch 128 512] [--dtype bfloat16 float32] [--steps 20]
-      [--variant base 'model.dropout=0.0' 'model.attention=cudnn'] [--profile DIR] [--dump_hlo DIR]
+      [--variant base 'model.dropout=0.0' 'model.attention=pallas'] [--profile DIR] [--dump_hlo DIR]
 
 A variant is a comma-separated list of config overrides (key=value), measured as one more row: an ablation that
 says what a part of the step costs. --profile traces 5 steps of each row with jax.profiler into DIR/<row> and

@@ -61,7 +61,7 @@ def get_config() -> config_dict.ConfigDict:
   c.model.dtype = 'float32'  # compute dtype: float32 | bfloat16 (parameters stay float32)
   c.model.transformer_depth = 1  # text models: transformer blocks per spatial transformer (attn_resolutions)
   c.model.remat = False  # recompute residual-block activations in the backward pass (less memory)
-  c.model.attention = 'xla'  # attention implementation: xla | cudnn (fused, NVIDIA GPU with bfloat16 compute)
+  c.model.attention = 'xla'  # xla | cudnn (fused; NVIDIA GPU, bf16, heads <= 128 wide) | pallas (flash; NVIDIA GPU)
   # vae: levels of nf * ch_mult channels (f = 2^(len(ch_mult) - 1)), num_res_blocks per level, num_groups, dropout
   c.model.z_channels = 4  # vae: latent channels
 

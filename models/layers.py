@@ -124,17 +124,38 @@ def group_norm_act(x: Array, scale: Array, bias: Array, groups: int, eps: float,
 group_norm_act.defvjp(_group_norm_fwd, _group_norm_bwd)
 
 
-ATTENTION = ('xla', 'cudnn')
+ATTENTION = ('xla', 'cudnn', 'pallas')
 
 
 def check_attention(attention: str) -> str:
-  """The implementation jax.nn.dot_product_attention uses: 'xla' (any backend) or 'cudnn' (fused flash attention
-  on NVIDIA GPUs, bf16 / fp16 compute)."""
+  """The attention implementation: 'xla' (any backend), 'cudnn' (jax.nn.dot_product_attention's fused cuDNN flash
+  attention: NVIDIA GPUs, bf16 / fp16 compute, heads of at most 128 channels) or 'pallas' (jax's Pallas / Triton
+  flash attention, jax.experimental.pallas.ops.gpu.attention: NVIDIA GPUs, any head width, unmasked attention)."""
   if attention not in ATTENTION:
     raise ValueError(f'unknown attention implementation {attention!r}; choose one of {ATTENTION}')
-  if attention == 'cudnn' and jax.default_backend() != 'gpu':
-    raise ValueError(f"attention='cudnn' needs an NVIDIA GPU; this backend is {jax.default_backend()!r} (use 'xla')")
+  if attention != 'xla' and jax.default_backend() != 'gpu':
+    raise ValueError(f"attention={attention!r} needs an NVIDIA GPU; this backend is {jax.default_backend()!r} "
+                     "(use 'xla')")
   return attention
+
+
+def attention(q: Array, k: Array, v: Array, *, implementation: str, mask: Array | None = None,
+              interpret: bool = False) -> Array:
+  """Softmax attention of q [B, T, N, H] over k, v [B, S, N, H] (mask [B, 1 | N, T, S] or None) -> [B, T, N, H].
+
+  'pallas' runs the flash kernel (no [T, S] matrix in memory, forward or backward) where it applies: without a
+  mask and with T and S multiples of its blocks; masked cross-attention to text stays on XLA. interpret=True runs
+  the Pallas kernel in interpreter mode (tests on the CPU)."""
+  block = 64  # 64 x 64 tiles: 128 x 128 ones exceed the H100's shared memory for 256-wide heads
+  if implementation == 'pallas' and mask is None and q.shape[1] % min(block, q.shape[1]) == 0 \
+      and k.shape[1] % min(block, k.shape[1]) == 0:
+    from jax.experimental.pallas.ops.gpu import attention as pallas_attention
+    bq, bk = min(block, q.shape[1]), min(block, k.shape[1])
+    sizes = pallas_attention.BlockSizes(block_q=bq, block_k=bk, block_q_dkv=min(32, bq), block_kv_dkv=min(32, bk),
+                                        block_q_dq=min(32, bq), block_kv_dq=min(32, bk))
+    return pallas_attention.mha(q, k, v, None, sm_scale=q.shape[-1] ** -0.5, block_sizes=sizes, interpret=interpret)
+  return jax.nn.dot_product_attention(q, k, v, mask=mask,
+                                      implementation='xla' if implementation == 'pallas' else implementation)
 
 
 def positional_embedding(t: Array, dim: int, max_positions: int = 10_000) -> Array:
@@ -233,7 +254,7 @@ class ResBlock(nnx.Module):
 
 
 class AttnBlock(nnx.Module):
-  """Multi-head self-attention over the H*W positions, through jax.nn.dot_product_attention."""
+  """Multi-head self-attention over the H*W positions (`attention`: XLA, cuDNN or Pallas)."""
 
   def __init__(self, channels: int, *, num_heads: int = 1, skip_rescale: bool = False, num_groups: int = 32,
                attention: str = 'xla', dtype=jnp.float32, rngs: nnx.Rngs):
@@ -250,8 +271,7 @@ class AttnBlock(nnx.Module):
     b, hh, ww, c = x.shape
     h = self.norm(x).reshape(b, hh * ww, c)
     split = lambda a: a.reshape(b, hh * ww, self.num_heads, c // self.num_heads)  # [B, T, N, H]
-    h = jax.nn.dot_product_attention(split(self.q(h)), split(self.k(h)), split(self.v(h)),
-                                     implementation=self.attention)
+    h = attention(split(self.q(h)), split(self.k(h)), split(self.v(h)), implementation=self.attention)
     h = self.out(h.reshape(b, hh * ww, c)).reshape(b, hh, ww, c)
     out = x + h
     return out / math.sqrt(2.0) if self.skip_rescale else out
@@ -280,9 +300,8 @@ class CrossAttention(nnx.Module):
   def __call__(self, x: Array, context: Array | None = None, mask: Array | None = None) -> Array:
     ctx = x if context is None else context.astype(x.dtype)
     attn_mask = None if mask is None else mask.astype(bool)[:, None, None, :]  # [B, 1, T, S] broadcast
-    h = jax.nn.dot_product_attention(_heads(self.q(x), self.num_heads), _heads(self.k(ctx), self.num_heads),
-                                     _heads(self.v(ctx), self.num_heads), mask=attn_mask,
-                                     implementation=self.attention)
+    h = attention(_heads(self.q(x), self.num_heads), _heads(self.k(ctx), self.num_heads),
+                  _heads(self.v(ctx), self.num_heads), mask=attn_mask, implementation=self.attention)
     return self.out(h.reshape(x.shape))
 
 

@@ -35,6 +35,8 @@ def test_parse_hlo_and_kinds():
   kinds = {profile_ops.kind_of(n, l, '') for n, l in lines.items()}
   assert 'matmul' in kinds or any('dot(' in b for b in bodies.values())
   assert profile_ops.kind_of('custom-call.3', 'custom-call(), custom_call_target="__cudnn$fmhaSoftmax"', '') == 'attention'
+  triton = 'custom-call(), custom_call_target="__gpu$xla.gpu.triton", metadata={op_name="jit(s)/jvp(jit(mha))/mha_forward/pallas_call"}'
+  assert profile_ops.kind_of('pallas_call.18', triton, '') == 'attention'
   assert profile_ops.kind_of('cudnn-conv.1', 'custom-call(), custom_call_target="__cudnn$convForward"', '') == 'convolution'
   assert profile_ops.kind_of('fusion.7', 'fusion(%p), kind=kLoop, calls=%fused_add', 'add(%a, %b)') == 'elementwise fusion'
 

@@ -185,3 +185,21 @@ def test_group_norm_matches_flax_in_value_and_gradient(shape, groups, silu):
     for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_ref)):
       scale = float(jnp.max(jnp.abs(jnp.float32(b))))
       np.testing.assert_allclose(np.float32(a) / scale, np.float32(b) / scale, rtol=tol, atol=tol)
+
+
+def test_pallas_flash_attention_matches_xla():
+  """attention='pallas' (jax's Pallas flash kernel, run by its interpreter here) gives XLA's attention and gradients;
+  a masked call stays on XLA."""
+  ks = jax.random.split(jax.random.key(0), 4)
+  q, k, v, w = (jax.random.normal(key, (2, 128, 1, 32)) for key in ks)
+  ref = lambda q, k, v: layers.attention(q, k, v, implementation='xla')
+  flash = lambda q, k, v: layers.attention(q, k, v, implementation='pallas', interpret=True)
+  np.testing.assert_allclose(flash(q, k, v), ref(q, k, v), rtol=2e-5, atol=2e-5)
+  grads = lambda f: jax.grad(lambda q, k, v: jnp.sum(f(q, k, v) * w), argnums=(0, 1, 2))(q, k, v)
+  for a, b in zip(grads(flash), grads(ref)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+  assert 'pallas_call' in str(jax.make_jaxpr(flash)(q, k, v))
+  mask = jnp.ones((2, 1, 128, 128), bool)
+  masked = jax.make_jaxpr(lambda q, k, v: layers.attention(q, k, v, implementation='pallas', mask=mask,
+                                                           interpret=True))(q, k, v)
+  assert 'pallas_call' not in str(masked)
