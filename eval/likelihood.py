@@ -4,7 +4,9 @@ Along the PF-ODE dx/dt = v(x, t) (samplers/ode.py) the density obeys d log p_t(x
   log p_{t_eps}(x) = prior_logp(x(T)) + int_{t_eps}^T div v(x(t), t) dt.
 We integrate the augmented state (x, int div v) from t_eps to T with diffrax Dopri5. The divergence is the
 Hutchinson-Skilling estimate eps^T (dv/dx) eps, with probes eps drawn once per solve (as score_sde; unbiased
-for the whole integral), or the exact trace of the Jacobian, one jvp per dimension (small d only).
+for the whole integral), or the exact trace of the Jacobian, one row per dimension (small d only). Both use
+reverse mode (vector-Jacobian products, eps^T J eps = eps^T (J eps)): the network's GroupNorm defines only its
+backward pass (models/layers.group_norm_act).
 
 Bits/dim are those of 256-level pixels k. Uniform dequantization v = k + u, u ~ U[0, 1)^D, bounds the
 discrete likelihood, -log P(k) <= E_u[-log p_V(k + u)], and p_V follows from the model-space density by the
@@ -80,14 +82,15 @@ def _augmented_field(model_fn: ModelFn, process: Process, cond: Any, probes: Arr
   def field(t, state, args):
     x, _ = state  # [B, ...], [B]
     b, d = x.shape[0], math.prod(x.shape[1:])
-    v, jvp = jax.linearize(lambda y: flow(t, y, args), x)  # examples are independent: J is block diagonal
-    if probes is None:  # exact: column i of every example's Jacobian from the basis tangent e_i
+    v, vjp = jax.vjp(lambda y: flow(t, y, args), x)  # examples are independent: J is block diagonal
+    row = lambda u: vjp(u.astype(v.dtype))[0]  # u^T J per example
+    if probes is None:  # exact: row i of every example's Jacobian from the basis cotangent e_i
       basis = jnp.broadcast_to(jnp.eye(d, dtype=x.dtype)[:, None, :], (d, b, d)).reshape((d,) + x.shape)
-      cols = jax.vmap(jvp)(basis).reshape(d, b, d)  # [i, B, j] = dv_j / dx_i
-      div = jnp.einsum('ibi->b', cols)
+      rows = jax.vmap(row)(basis).reshape(d, b, d)  # [i, B, j] = dv_i / dx_j
+      div = jnp.einsum('ibi->b', rows)
     else:
-      jv = jax.vmap(jvp)(probes)  # [M, B, ...]
-      div = jnp.mean(jnp.sum((probes * jv).reshape(probes.shape[0], b, d), -1), 0)
+      ej = jax.vmap(row)(probes)  # [M, B, ...]
+      div = jnp.mean(jnp.sum((probes * ej).reshape(probes.shape[0], b, d), -1), 0)
     return v, div
 
   return field
@@ -99,7 +102,7 @@ def integrate_divergence(rng: Array, model_fn: ModelFn, process: Process, x: Arr
   [B, ...], delta_logp = int_{t_eps}^T div v dt [B] (nats) and the NFE.
 
   One adaptive solve for the batch; a solve that fails (max_steps) gives NaN rather than a host-side error.
-  The NFE counts augmented-field evaluations (each one model_fn call plus its jvps), rejected steps included.
+  The NFE counts augmented-field evaluations (each one model_fn call plus its vector-Jacobian products), rejected steps included.
   """
   _check(settings)
   x = jnp.asarray(x, jnp.float32)

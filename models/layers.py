@@ -117,7 +117,8 @@ def _group_norm_bwd(groups, eps, silu, residuals, dy):
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
 def group_norm_act(x: Array, scale: Array, bias: Array, groups: int, eps: float, silu: bool) -> Array:
   """GroupNorm of x [B, ..., C] in `groups` groups (float32 statistics, fast variance E[x^2] - E[x]^2 as flax's),
-  scale and bias [C], then SiLU if `silu`; in x's dtype."""
+  scale and bias [C], then SiLU if `silu`; in x's dtype. Reverse-mode differentiable (its backward pass is
+  _group_norm_bwd); forward mode (jax.jvp) is not defined, so the likelihood's divergence uses reverse mode."""
   return _group_norm_fwd(x, scale, bias, groups, eps, silu)[0]
 
 

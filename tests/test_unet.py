@@ -203,3 +203,4 @@ def test_pallas_flash_attention_matches_xla():
   masked = jax.make_jaxpr(lambda q, k, v: layers.attention(q, k, v, implementation='pallas', mask=mask,
                                                            interpret=True))(q, k, v)
   assert 'pallas_call' not in str(masked)
+
