@@ -102,7 +102,8 @@ def integrate_divergence(rng: Array, model_fn: ModelFn, process: Process, x: Arr
   [B, ...], delta_logp = int_{t_eps}^T div v dt [B] (nats) and the NFE.
 
   One adaptive solve for the batch; a solve that fails (max_steps) gives NaN rather than a host-side error.
-  The NFE counts augmented-field evaluations (each one model_fn call plus its vector-Jacobian products), rejected steps included.
+  The NFE counts augmented-field evaluations (each one model_fn call plus its vector-Jacobian products),
+  rejected steps included.
   """
   _check(settings)
   x = jnp.asarray(x, jnp.float32)
