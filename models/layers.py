@@ -41,7 +41,7 @@ class GroupNorm(nnx.Module):
 
   Its backward pass is written out (group_norm_act): autodiff's keeps a float32 copy of the activation's
   gradient between the reductions and the input gradient; this one recomputes it from the (bf16) input, which
-  moves 40 % fewer bytes per layer on XLA:GPU (bench/gpu_program.py).
+  moves 45 % fewer bytes per layer on XLA:GPU (bench/gpu_program.py).
   """
 
   def __init__(self, channels: int, num_groups: int, epsilon: float = 1e-6, *, rngs: nnx.Rngs):
@@ -109,8 +109,9 @@ def _group_norm_bwd(groups, eps, silu, residuals, dy):
     s = jax.nn.sigmoid(z)
     dz = dz * (s + z * s * (1 - s))
   dx = dz * a - rstd * m1 - (xg * rstd - mean * rstd) * (rstd * m2)
-  s1, s2 = jax.lax.optimization_barrier((s1, s2))  # else XLA sums dz over (images, positions) in one reduction,
-  # from a stored float32 dz, instead of summing the per-image sums
+  # The parameter gradients sum the per-image sums (the barrier keeps XLA from rewriting this as one reduction
+  # over images and positions, which would read a stored float32 dz).
+  s1, s2 = jax.lax.optimization_barrier((s1, s2))
   return dx.reshape(x.shape).astype(x.dtype), jnp.sum(s2, axis=0).reshape(-1), jnp.sum(s1, axis=0).reshape(-1)
 
 
@@ -181,8 +182,8 @@ class FourierEmbedding(nnx.Module):
 
 def upsample_nearest(x: Array) -> Array:
   """x2 nearest-neighbour upsampling [B, H, W, C] -> [B, 2H, 2W, C] as a broadcast: its gradient is a 2x2 sum
-  that fuses (jax.image.resize's 'nearest' is a gather, whose gradient is a scatter-add: 9 extra kernels moving
-  1.7 GB per step of the DDPM CIFAR-10 network at batch 512 on XLA:GPU)."""
+  that fuses (jax.image.resize's 'nearest' is a gather, whose gradient is a scatter-add: 9 more kernels and 2.3 GB
+  more traffic per step of the DDPM CIFAR-10 network at batch 512 on XLA:GPU, bench/gpu_program.py)."""
   b, h, w, c = x.shape
   return jnp.broadcast_to(x[:, :, None, :, None, :], (b, h, 2, w, 2, c)).reshape(b, 2 * h, 2 * w, c)
 
@@ -237,8 +238,7 @@ class ResBlock(nnx.Module):
     self.skip = conv(cin, cout, kernel=1, dtype=dtype, rngs=rngs) if needs_skip else None
 
   def __call__(self, x: Array, temb: Array, *, train: bool = False, rngs: nnx.Rngs | None = None) -> Array:
-    dtype = x.dtype
-    h = self.norm1(x, silu=True, dtype=dtype)
+    h = self.norm1(x, silu=True)
     if self.up:
       h, x = upsample_nearest(h), upsample_nearest(x)
     elif self.down:
