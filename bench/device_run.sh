@@ -9,8 +9,8 @@
 #          for the DDPM network alone
 # train    the training step, bf16 and fp32 at batch 128 and 512, ~5 min
 # profile  the bf16 batch-512 step: base, Pallas flash attention (cuDNN's rejects the DDPM network's 256-wide
-#          head), no dropout, each with a per-op profile and its
-#          compiled HLO (returned as $OUT/hlo.tar, to study XLA:GPU's fusions on the CPU), ~6 min
+#          head), no dropout; each with a per-op profile and its compiled HLO (returned as $OUT/hlo.tar, to
+#          study XLA:GPU's fusions on the CPU), ~6 min
 # fid      FID Inception features, bf16 and TF32, ~1 min
 # peer     the PyTorch training peer with compiled batch 128 (PEER_QUICK=0), ~7 min
 set -uo pipefail
