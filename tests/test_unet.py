@@ -154,9 +154,12 @@ def test_upsample_nearest_is_resize_nearest_without_a_scatter_in_its_gradient():
 
 @pytest.mark.parametrize('shape,groups', [((3, 5, 4, 16), 4), ((2, 7, 12), 3)])
 @pytest.mark.parametrize('silu', [False, True])
-def test_group_norm_matches_flax_in_value_and_gradient(shape, groups, silu):
-  """layers.GroupNorm (float32 statistics, written backward pass) equals nnx.GroupNorm (+ SiLU) under autodiff:
-  outputs and the gradients of x, scale and bias, in float32; in bfloat16 up to its rounding."""
+@pytest.mark.parametrize('written', [True, False])
+def test_group_norm_matches_flax_in_value_and_gradient(shape, groups, silu, written, monkeypatch):
+  """layers.GroupNorm (float32 statistics; the written backward pass of GPUs, or autodiff) equals nnx.GroupNorm
+  (+ SiLU) under autodiff: outputs and the gradients of x, scale and bias, in float32; in bfloat16 up to its
+  rounding."""
+  monkeypatch.setattr(layers, '_written_backward', lambda: written)
   c = shape[-1]
   ours = layers.GroupNorm(c, groups, 1e-6, rngs=nnx.Rngs(0))
   ref = nnx.GroupNorm(c, num_groups=groups, epsilon=1e-6, dtype=jnp.float32, rngs=nnx.Rngs(0))
