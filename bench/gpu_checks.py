@@ -51,7 +51,8 @@ def check(name, build, *inputs):
                                     inputs)
   run = lambda m, dtype: jax.jit(lambda *a: m(*a))(*cast(dtype))
   reference = randomized(build('xla', jnp.float32))
-  truth = run(reference, jnp.float32)
+  with jax.default_matmul_precision('highest'):  # float32 proper (a GPU's default lets matmuls use TF32)
+    truth = run(reference, jnp.float32)
   xla_err = None
   for impl in ('xla', 'cudnn', 'pallas'):
     try:
