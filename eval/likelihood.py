@@ -5,8 +5,8 @@ Along the PF-ODE dx/dt = v(x, t) (samplers/ode.py) the density obeys d log p_t(x
 We integrate the augmented state (x, int div v) from t_eps to T with diffrax Dopri5. The divergence is the
 Hutchinson-Skilling estimate eps^T (dv/dx) eps, with probes eps drawn once per solve (as score_sde; unbiased
 for the whole integral), or the exact trace of the Jacobian, one row per dimension (small d only). Both use
-reverse mode (vector-Jacobian products, eps^T J eps = eps^T (J eps)): the network's GroupNorm defines only its
-backward pass (models/layers.group_norm_act).
+reverse mode (vector-Jacobian products, eps^T J eps = eps^T (J eps)): on GPUs the network's GroupNorm defines
+only its backward pass (models/layers.group_norm_act).
 
 Bits/dim are those of 256-level pixels k. Uniform dequantization v = k + u, u ~ U[0, 1)^D, bounds the
 discrete likelihood, -log P(k) <= E_u[-log p_V(k + u)], and p_V follows from the model-space density by the

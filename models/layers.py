@@ -45,8 +45,6 @@ class GroupNorm(nnx.GroupNorm):
   """
 
   def __init__(self, channels: int, num_groups: int, epsilon: float = 1e-6, *, rngs: nnx.Rngs):
-    if channels % num_groups:
-      raise ValueError(f'{channels} channels do not split into {num_groups} groups')
     super().__init__(channels, num_groups=num_groups, epsilon=epsilon, dtype=jnp.float32, rngs=rngs)
 
   def __call__(self, x: Array, *, silu: bool = False, dtype=None) -> Array:

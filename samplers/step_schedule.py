@@ -6,8 +6,9 @@ grid is parametrized in log-SNR so that it is always valid: t_0 = T is fixed, th
 between T and t_min through a sigmoid, and the interior points sit at cumulative softmax fractions of that
 span (strictly decreasing t). Adam minimizes the mean squared distance between the sampler's output and a
 teacher's (a many-step sampler) from the same prior draws; the sampler is differentiated end to end, its
-step loop unrolled (base.unrolled_loops: reverse mode through it is several times faster). The tuned grid is then an ordinary
-`timesteps` setting of that sampler (samplers/base.settings_grid), e.g. --config.sample.timesteps="(...)".
+step loop unrolled (base.unrolled_loops: reverse mode through it is several times faster). The tuned grid is
+then an ordinary `timesteps` setting of that sampler (samplers/base.settings_grid), e.g.
+--config.sample.timesteps="(...)".
 
 Deterministic samplers only (DDIM eta=0, DPM-Solver++, UniPC, fixed-step ODE, EDM Heun without churn): the
 objective compares two maps of the same noise.

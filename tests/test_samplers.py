@@ -209,17 +209,20 @@ def test_nfe_of_heun_and_dpm_solver():
   assert _run('vp', 'pc', jax.random.key(0), n=4, num_steps=10, n_steps_each=2)[1] == 9 * 3 + 1
 
 
-def _nested_whiles(jaxpr, depth=0) -> int:
-  """Number of loops (while / scan: both are XLA while loops) inside the body of another loop."""
-  count = 0
+def _loops(jaxpr, depth=0):
+  """(eqn, depth) of every loop (while / scan: both are XLA while loops) of a jaxpr, nested ones included; depth
+  counts the loops around it."""
   for eqn in jaxpr.eqns:
     is_loop = eqn.primitive.name in ('while', 'scan')
-    inner = depth + is_loop
-    if is_loop and depth > 0:
-      count += 1
+    if is_loop:
+      yield eqn, depth
     for sub in jax.extend.core.jaxprs_in_params(eqn.params):
-      count += _nested_whiles(sub, inner)
-  return count
+      yield from _loops(sub, depth + is_loop)
+
+
+def _nested_whiles(jaxpr) -> int:
+  """Number of loops inside the body of another loop."""
+  return sum(depth > 0 for _, depth in _loops(jaxpr))
 
 
 @pytest.mark.parametrize('sampler', ['ddim', 'ddpm', 'dpm_solver', 'unipc', 'heun', 'pc'])
@@ -234,15 +237,9 @@ def test_sampler_loops_hold_no_nested_while_loops(sampler):
 
 
 def _loop_unrolls(jaxpr) -> list[bool]:
-  """For each loop of a jaxpr (nested ones included): whether it is fully unrolled (a scan with unroll = length)."""
-  out = []
-  for eqn in jaxpr.eqns:
-    if eqn.primitive.name in ('while', 'scan'):
-      unroll = eqn.params.get('unroll')
-      out.append(unroll is True or (not isinstance(unroll, bool) and unroll == eqn.params.get('length')))
-    for sub in jax.extend.core.jaxprs_in_params(eqn.params):
-      out += _loop_unrolls(sub)
-  return out
+  """For each loop of a jaxpr: whether it is fully unrolled (a scan with unroll = length)."""
+  unrolled = lambda u, n: u is True or (not isinstance(u, bool) and u == n)
+  return [unrolled(e.params.get('unroll'), e.params.get('length')) for e, _ in _loops(jaxpr)]
 
 
 @pytest.mark.parametrize('sampler', ['ddim', 'dpm_solver', 'unipc', 'heun'])
