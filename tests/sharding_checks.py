@@ -5,6 +5,7 @@
 """
 
 import os
+import re
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -42,18 +43,24 @@ def put_batch(batch, mesh):
   return {k: jax.make_array_from_process_local_data(sharding.batch_sharding(mesh, 1), v) for k, v in local.items()}
 
 
-def train(config, mesh, state=None, data=None, steps=3):
-  """`steps` steps on mesh from a fresh (or given) state: (state, losses)."""
+def jitted_step(config, mesh, state=None, place_grads=True):
+  """(the trainer's jitted step on mesh, the state on the mesh (fresh or given), the state's shardings);
+  place_grads=False leaves the gradients' sharding to XLA (the step's param_sharding=None)."""
   graphdef, fresh, tx, schedule = trainer.init_state(config)
   state = fresh if state is None else state
   shard = sharding.state_shardings(state, mesh, config.parallel.fsdp_min_size)
-  state = jax.device_put(state, shard)
   settings = step_lib.StepSettings(prediction='eps', loss=trainer.build_loss(config), ema_decay=0.99,
                                    grad_accum=config.training.grad_accum)
   one = step_lib.make_train_step(graphdef, trainer.build_process(config), tx, schedule, settings,
-                                 jax.random.key(1))
+                                 jax.random.key(1), param_sharding=shard.params if place_grads else None)
   fn = jax.jit(step_lib.multi_step(one, 1), in_shardings=(shard, sharding.batch_sharding(mesh, 1)),
                out_shardings=(shard, sharding.replicated(mesh)))
+  return fn, jax.device_put(state, shard), shard
+
+
+def train(config, mesh, state=None, data=None, steps=3):
+  """`steps` steps on mesh from a fresh (or given) state: (state, losses)."""
+  fn, state, _ = jitted_step(config, mesh, state)
   losses = []
   for batch in (data or batches(steps)):
     state, metrics = fn(state, put_batch(batch, mesh))
@@ -84,6 +91,20 @@ def check_data_parallel_and_fsdp():
   assert {s.data.shape for s in big.addressable_shards} != {big.shape}
   moments = [x for x in jax.tree.leaves(fsdp.opt_state) if x.shape == big.shape]
   assert moments and all(m.sharding.spec == big.sharding.spec for m in moments)
+  # Placing the gradients like the parameters keeps the optimizer, the EMA and the gradient norm on the shards:
+  # left to XLA, some replicated parameters' updates are computed split over 'fsdp' and all-gathered.
+  mesh = sharding.make_mesh((2, 4))
+  gathers = {}
+  for place in (True, False):
+    fn, state, shard = jitted_step(config, mesh, place_grads=place)
+    text = fn.lower(state, put_batch(batches(1)[0], mesh)).compile().as_text()
+    replicated = {x.shape for x, s in zip(jax.tree.leaves(state.params), jax.tree.leaves(shard.params))
+                  if s.spec == jax.sharding.PartitionSpec()}
+    shapes = [tuple(int(d) for d in dims.split(',') if d)
+              for dims in re.findall(r'= f32\[([\d,]*)\]\S* all-gather(?:-start)?\(', text)]
+    gathers[place] = sum(shape in replicated for shape in shapes)
+  assert gathers[True] < gathers[False], gathers
+  print("all-gathers of replicated parameters' shapes", gathers)
   print('data parallel and FSDP equal one device; largest kernel', big.shape, big.sharding.spec)
 
 

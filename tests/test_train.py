@@ -1,4 +1,5 @@
-"""The training step and loop: learning, EMA, fused steps, preemption, divergence, corrupt checkpoints."""
+"""The training step and loop: the optimizer, learning, EMA, fused steps, preemption, divergence, corrupt
+checkpoints."""
 
 import json
 import os
@@ -8,12 +9,14 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import orbax.checkpoint as ocp
 import pytest
 
 from configs.mnist import ddpmpp_vp
 from data import load_mnist
 from tests.helpers import error_lines, main_py, popen_main
+from train import optimizer
 from train import step as step_lib
 from train import trainer
 
@@ -41,6 +44,30 @@ def build_step(config):
                                    ema_decay=config.training.ema_decay)
   one = step_lib.make_train_step(graphdef, process, tx, schedule, settings, jax.random.key(0))
   return graphdef, state, one, process
+
+
+def test_grouped_global_norm_and_clipping_equal_optax():
+  """The shape-grouped global norm against a float64 one (repeated shapes, a bf16 leaf, a scalar), and
+  clipping against optax's below and above the threshold; the clip state is optax's (checkpoints unchanged)."""
+  rng = np.random.default_rng(0)
+  tree = {'a': [rng.normal(size=(3, 3, 4, 8)) for _ in range(3)], 'b': rng.normal(size=(8,)),
+          'c': {'d': rng.normal(size=(8,)), 'e': np.float32(2.5)}, 'f': rng.normal(size=(5, 8))}
+  tree = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), tree)
+  mixed = {**tree, 'f': tree['f'].astype(jnp.bfloat16)}
+  for t in (mixed, tree):
+    norm = np.sqrt(sum((np.asarray(x, np.float64) ** 2).sum() for x in jax.tree.leaves(t)))
+    assert optimizer.global_norm(t).dtype == jnp.float32
+    np.testing.assert_allclose(float(optimizer.global_norm(t)), norm, rtol=1e-6)
+  # norm: the float32 tree's
+  for max_norm in (norm / 3, 2 * norm):
+    clip, ref_clip = optimizer.clip_by_global_norm(max_norm), optax.clip_by_global_norm(max_norm)
+    ours, state = clip.update(tree, clip.init(tree))
+    ref, ref_state = ref_clip.update(tree, ref_clip.init(tree))
+    assert jax.tree.structure(state) == jax.tree.structure(ref_state)
+    for x, y in zip(jax.tree.leaves(ours), jax.tree.leaves(ref), strict=True):
+      np.testing.assert_allclose(x, y, rtol=1e-5)
+    np.testing.assert_allclose(float(optimizer.global_norm(ours)), min(norm, max_norm), rtol=1e-5)
+    assert clip.update(mixed, state)[0]['f'].dtype == jnp.bfloat16
 
 
 def test_tiny_unet_overfits_one_batch():

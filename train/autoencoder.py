@@ -40,8 +40,11 @@ def _recon(x: jax.Array, y: jax.Array, kind: str) -> jax.Array:
 
 
 def make_autoencoder_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, schedule: optax.Schedule,
-                          settings: AutoencoderSettings, rng: jax.Array) -> Callable[..., tuple[TrainState, dict]]:
-  """fn(state, batch, frozen=None) -> (state, metrics): one step of the autoencoder and its discriminator."""
+                          settings: AutoencoderSettings, rng: jax.Array,
+                          param_sharding=None) -> Callable[..., tuple[TrainState, dict]]:
+  """fn(state, batch, frozen=None) -> (state, metrics): one step of the autoencoder and its discriminator.
+
+  param_sharding: the parameters' shardings on the mesh (see train.step.apply_gradients)."""
   if settings.recon_loss not in ('l1', 'l2'):
     raise ValueError(f"unknown autoencoder.recon_loss {settings.recon_loss!r}; choose 'l1' or 'l2'")
 
@@ -100,7 +103,7 @@ def make_autoencoder_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformati
           lambda p: (jnp.zeros(()), jax.tree.map(jnp.zeros_like, p)), state.params['disc'])
       grads['disc'] = d_grads  # the generator loss has no business moving the discriminator
       metrics['d_loss'] = d_loss
-    new, grad_norm = apply_gradients(state, loss, grads, tx, settings.ema_decay)
+    new, grad_norm = apply_gradients(state, loss, grads, tx, settings.ema_decay, param_sharding)
     return new, {'loss': loss, **metrics, 'grad_norm': grad_norm,
                  'lr': jnp.asarray(schedule(state.step), jnp.float32)}
 

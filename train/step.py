@@ -17,6 +17,7 @@ from diffusion import losses
 from diffusion.parameterization import make_model_fn
 from diffusion.processes import Process
 from train.latent import LatentCodec
+from train.optimizer import global_norm
 from train.state import TrainState
 
 if TYPE_CHECKING:
@@ -40,12 +41,20 @@ class StepSettings:
 
 
 def apply_gradients(state: TrainState, loss: jax.Array, grads, tx: optax.GradientTransformation,
-                    ema_decay: float) -> tuple[TrainState, jax.Array]:
-  """The optimizer update, the EMA and the divergence flag shared by every step; returns (state, grad norm)."""
+                    ema_decay: float, param_sharding=None) -> tuple[TrainState, jax.Array]:
+  """The optimizer update, the EMA and the divergence flag shared by every step; returns (state, grad norm).
+
+  param_sharding (the parameters' NamedShardings, or None on one device) places the gradients like the
+  parameters, so that under FSDP they are reduce-scattered onto the parameters' shards and the optimizer,
+  the EMA and the gradient norm run on each device's shards; left to itself, XLA's sharding propagation
+  computes some replicated parameters' updates split across devices and all-gathers them.
+  """
+  if param_sharding is not None:
+    grads = jax.lax.with_sharding_constraint(grads, param_sharding)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   ema = jax.tree.map(lambda e, p: ema_decay * e + (1 - ema_decay) * p, state.ema_params, params)
-  grad_norm = optax.global_norm(grads)
+  grad_norm = global_norm(grads)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
   bad_step = jnp.where((state.bad_step < 0) & ~finite, state.step, state.bad_step)
   new = state.replace(step=state.step + 1, params=params, ema_params=ema, opt_state=opt_state, bad_step=bad_step)
@@ -54,14 +63,15 @@ def apply_gradients(state: TrainState, loss: jax.Array, grads, tx: optax.Gradien
 
 def make_train_step(graphdef: nnx.GraphDef, process: Process, tx: optax.GradientTransformation,
                     schedule: optax.Schedule, settings: StepSettings, rng: jax.Array,
-                    codec: LatentCodec | None = None,
-                    text: 'TextConditioner | None' = None) -> Callable[[TrainState, Batch, Any], tuple[TrainState, dict]]:
+                    codec: LatentCodec | None = None, text: 'TextConditioner | None' = None,
+                    param_sharding=None) -> Callable[[TrainState, Batch, Any], tuple[TrainState, dict]]:
   """fn(state, batch, frozen): one optimizer step on one batch (with settings.grad_accum > 1, over that many
   micro-batches; dropout masks then differ from the full-batch step's, everything else is the same).
 
   `frozen` holds what the step reads but never trains: {'vae': the codec's (params, buffers) or None,
   'text': the caption table or None}. With a codec (latent diffusion) x0 is a posterior sample of the frozen
   VAE's latents of the batch; with a text conditioner the labels are caption ids, looked up in the table.
+  param_sharding: the parameters' shardings on the mesh (see apply_gradients).
   """
 
   def draw(batch, key, frozen):
@@ -116,7 +126,7 @@ def make_train_step(graphdef: nnx.GraphDef, process: Process, tx: optax.Gradient
   def step(state: TrainState, batch: Batch, frozen=None):
     key = jax.random.fold_in(rng, state.step)
     loss, grads = loss_and_grads(state.params, state.buffers, batch, key, frozen)
-    new, grad_norm = apply_gradients(state, loss, grads, tx, settings.ema_decay)
+    new, grad_norm = apply_gradients(state, loss, grads, tx, settings.ema_decay, param_sharding)
     return new, {'loss': loss, 'grad_norm': grad_norm, 'lr': jnp.asarray(schedule(state.step), jnp.float32)}
 
   return step

@@ -300,7 +300,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
     settings = autoencoder.AutoencoderSettings(
         recon_loss=a.recon_loss, kl_weight=a.kl_weight, disc_start=a.disc_start, disc_weight=a.disc_weight,
         ema_decay=t.ema_decay, centered=d.centered, random_flip=d.random_flip)
-    one_step = autoencoder.make_autoencoder_step(graphdef, tx, schedule, settings, rng_train)
+    one_step = autoencoder.make_autoencoder_step(graphdef, tx, schedule, settings, rng_train,
+                                                  param_sharding=state_sharding.params)
     snapshot, reconstruct = make_reconstruction_snapshot(config, graphdef)
   else:
     settings = step_lib.StepSettings(
@@ -308,7 +309,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
         dequantize=d.uniform_dequantization, random_flip=d.random_flip,
         num_classes=len(captions) if text is not None else config.model.num_classes,
         label_dropout=t.label_dropout, grad_accum=t.grad_accum, cached_latents=codec is not None and config.latent.cache)
-    one_step = step_lib.make_train_step(graphdef, process, tx, schedule, settings, rng_train, codec, text)
+    one_step = step_lib.make_train_step(graphdef, process, tx, schedule, settings, rng_train, codec, text,
+                                        param_sharding=state_sharding.params)
     snapshot = make_snapshot_fn(config, graphdef, process, codec, text, captions)
   frozen = jax.device_put({'vae': codec.frozen if codec is not None else None, 'text': table},
                           sharding.replicated(mesh))
