@@ -13,6 +13,9 @@
 #          study XLA:GPU's fusions on the CPU), ~6 min
 # fid      FID Inception features, bf16 and TF32, ~1 min
 # peer     the PyTorch training peer with compiled batch 128 (PEER_QUICK=0), ~7 min
+# graphs   the bf16 step at batch 128 and 512 (1 and 4 steps per call) with XLA:GPU's command buffers (CUDA graphs)
+#          for fusions, cuBLAS, cuDNN and custom calls, from one kernel up: the remedy to try if the profile's
+#          idle_share says kernel launches bound the step (compare with the train rows), ~4 min
 set -uo pipefail
 OUT=${OUT:-bench_out}; mkdir -p "$OUT"
 NETWORKS=${NETWORKS:-ddpm_cifar10 ldm_text}
@@ -34,6 +37,8 @@ for what in "${@:-all}"; do
                    --variant base model.attention=pallas model.dropout=0.0 --profile /tmp/profile --dump_hlo /tmp/hlo ;;&
     fid|all) run fid 60 python3 bench/fid_throughput.py --numerics bf16 'fp32/tf32' ;;&
     peer) PEER_QUICK=0 run peer 420 python3 .peer/peer_pytorch.py ;;
+    graphs) GRAPHS="--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUDNN,CUSTOM_CALL --xla_gpu_graph_min_graph_size=1"
+            XLA_FLAGS="$XLA_FLAGS $GRAPHS" run graphs 300 python3 bench/train_throughput.py --dtype bfloat16 --batch 128 512 --steps_per_call 1 4 ;;
   esac
 done
 [ -d /tmp/hlo ] && tar -C /tmp -cf "$OUT/hlo.tar" hlo

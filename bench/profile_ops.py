@@ -2,7 +2,10 @@
 
 `profile(call, calls, logdir, hlo_text)` traces `calls` calls of a compiled step and returns the device time per
 call, its split over op kinds (convolution, matmul, attention, reduction / elementwise fusions, copies) and the
-top ops with their time per call, share, kind and the JAX operation they come from. The trace (an XSpace that
+top ops with their time per call, share, kind and the JAX operation they come from. It also says whether the step
+is bound by launching its kernels rather than running them: the kernels launched per call, the time from the
+first kernel's start to the last one's end and the share of it in which no kernel ran (idle_share), and how many
+kernels ran under 5 microseconds and for how long in all (short_ops). The trace (an XSpace that
 jax.profiler writes) is read with jax.profiler.ProfileData: on a GPU the op events of the '/device:GPU:N' plane's
 'XLA Ops' line, on the CPU the host events that carry an hlo_op (the CPU is for testing this code). Kinds come
 from the optimized HLO text of the program (`compiled.as_text()`): an op's own line and, for a fusion, the
@@ -65,20 +68,38 @@ def kind_of(name: str, line: str, body: str) -> str:
   return 'other'
 
 
+SHORT_NS = 5_000  # a kernel under 5 us costs about what launching it does
+
+
 def _op_events(data: 'jax.profiler.ProfileData'):
-  """(op name, duration ns) of every XLA op event: the devices' 'XLA Ops' lines, else host events with an hlo_op."""
+  """(op name, start ns, duration ns) of every XLA op event: the devices' 'XLA Ops' lines, else host events
+  with an hlo_op."""
   lines = [line for p in data.planes if p.name.startswith('/device:') for line in p.lines if line.name == 'XLA Ops']
   if lines:
     for line in lines:
       for event in line.events:
-        yield event.name, event.duration_ns
+        yield event.name, event.start_ns, event.duration_ns
     return
   for plane in data.planes:
     if plane.name == '/host:CPU':
       for line in plane.lines:
         for event in line.events:
           if any(k == 'hlo_op' for k, _ in event.stats):
-            yield event.name, event.duration_ns
+            yield event.name, event.start_ns, event.duration_ns
+
+
+def busy_and_span(intervals: list[tuple[int, int]]) -> tuple[int, int]:
+  """(ns in which at least one interval runs, ns from the first start to the last end) of (start, end) pairs."""
+  if not intervals:
+    return 0, 0
+  intervals = sorted(intervals)
+  busy, (lo, hi) = 0, intervals[0]
+  for start, end in intervals[1:]:
+    if start > hi:
+      busy, lo, hi = busy + hi - lo, start, end
+    else:
+      hi = max(hi, end)
+  return busy + hi - lo, max(e for _, e in intervals) - intervals[0][0]
 
 
 def summarize(logdir: str, calls: int, top: int = 25, hlo_text: str = '') -> dict:
@@ -87,8 +108,13 @@ def summarize(logdir: str, calls: int, top: int = 25, hlo_text: str = '') -> dic
   if not files:
     raise FileNotFoundError(f'no *.xplane.pb under {logdir}')
   per_op = collections.Counter()
-  for name, ns in _op_events(jax.profiler.ProfileData.from_file(files[-1])):
+  intervals, short = [], [0, 0]
+  for name, start, ns in _op_events(jax.profiler.ProfileData.from_file(files[-1])):
     per_op[name] += ns
+    intervals.append((start, start + ns))
+    if ns < SHORT_NS:
+      short[0], short[1] = short[0] + 1, short[1] + ns
+  busy, span = busy_and_span(intervals)
   lines, bodies = parse_hlo(hlo_text)
 
   def describe(name: str) -> tuple[str, str]:
@@ -108,7 +134,10 @@ def summarize(logdir: str, calls: int, top: int = 25, hlo_text: str = '') -> dic
   for name, ns in per_op.most_common(top):
     kind, origin = describe(name)
     rows.append({'op': name, 'kind': kind, 'ms': ms(ns), 'share': share(ns), 'from': origin[-120:]})
-  return dict(trace=files[-1], ops=len(per_op), device_ms_per_call=ms(total),
+  return dict(trace=files[-1], ops=len(per_op), launches_per_call=round(len(intervals) / calls, 1),
+              device_ms_per_call=ms(total), span_ms_per_call=ms(span),
+              idle_share=round(1 - busy / span, 4) if span else 0.0,
+              short_ops={'under_us': SHORT_NS // 1000, 'per_call': round(short[0] / calls, 1), 'ms': ms(short[1])},
               kinds={k: {'ms': ms(v), 'share': share(v)} for k, v in kinds.most_common()}, top=rows)
 
 

@@ -26,6 +26,14 @@ def test_profile_summary_attributes_time_to_op_kinds(tmp_path):
   assert sum(k['share'] for k in summary['kinds'].values()) == pytest.approx(1.0, abs=1e-3)
   conv = [r for r in summary['top'] if r['kind'] == 'convolution']
   assert conv and any('conv_general_dilated' in r['from'] for r in conv)
+  assert summary['launches_per_call'] >= summary['ops'] and summary['span_ms_per_call'] > 0
+  assert 0 <= summary['idle_share'] < 1 and 0 <= summary['short_ops']['per_call'] <= summary['launches_per_call']
+
+
+def test_busy_time_and_span_of_overlapping_kernels():
+  assert profile_ops.busy_and_span([]) == (0, 0)
+  # [0, 10) and [5, 12) overlap, [20, 30) is apart, [22, 25) lies inside it: busy 12 + 10 of a 30 span
+  assert profile_ops.busy_and_span([(20, 30), (0, 10), (5, 12), (22, 25)]) == (22, 30)
 
 
 def test_parse_hlo_and_kinds():
