@@ -118,7 +118,11 @@ def measure(dtype: str, batch: int, steps_per_call: int, timed_calls: int, image
     summary = profile_ops.profile(call, 5, os.path.join(profile_dir, name), compiled.as_text())
     emit(what='train_profile', impl=f'ours jax {dtype}', batch=batch, variant=variant,
          per_step_ms=round(summary['device_ms_per_call'] / steps_per_call, 3), **summary)
-  return dict(what='train', impl=f'ours jax {dtype}', batch=batch, steps_per_call=steps_per_call, variant=variant,
+  # float32 rows: float32 parameters and activations; convolutions and matmuls at XLA's default precision, which
+  # lets Ampere and Hopper GPUs use TF32 (as PyTorch's cudnn.allow_tf32 default does for convolutions).
+  precision = jax.config.jax_default_matmul_precision or 'default'
+  return dict(what='train', impl=f'ours jax {dtype}', precision=precision, batch=batch, steps_per_call=steps_per_call,
+              variant=variant,
               img_per_s=round(batch / step_s, 1), step_ms=round(step_s * 1e3, 2),
               step_ms_min=round(min(times) * 1e3, 2), compile_s=round(compile_s, 1),
               flops_per_img=round(flops / batch), mfu_vs_989tf=round(flops / step_s / PEAK_FLOPS, 4),
