@@ -44,10 +44,10 @@ def apply_gradients(state: TrainState, loss: jax.Array, grads, tx: optax.Gradien
                     ema_decay: float, param_sharding=None) -> tuple[TrainState, jax.Array]:
   """The optimizer update, the EMA and the divergence flag shared by every step; returns (state, grad norm).
 
-  param_sharding (the parameters' NamedShardings, or None on one device) places the gradients like the
-  parameters, so that under FSDP they are reduce-scattered onto the parameters' shards and the optimizer,
-  the EMA and the gradient norm run on each device's shards; left to itself, XLA's sharding propagation
-  computes some replicated parameters' updates split across devices and all-gathers them.
+  param_sharding (the parameters' NamedShardings; None leaves the gradients' placement to XLA) places the
+  gradients like the parameters, so that under FSDP they are reduce-scattered onto the parameters' shards and
+  the optimizer, the EMA and the gradient norm run on each device's shards. Left to itself, XLA's sharding
+  propagation computes some replicated parameters' updates split across devices and all-gathers them.
   """
   if param_sharding is not None:
     grads = jax.lax.with_sharding_constraint(grads, param_sharding)
