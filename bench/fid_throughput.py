@@ -30,6 +30,10 @@ def emit(**kw):
   print(json.dumps(kw), flush=True)
 
 
+NUMERICS = {'fp32/tf32': (jnp.float32, jax.lax.Precision.DEFAULT), 'fp32 strict': (jnp.float32, None),
+            'bf16': (jnp.bfloat16, None)}  # label -> (dtype, precision; None: the model's default)
+
+
 def random_weights(model: inception.InceptionV3) -> None:
   """He-scaled normal kernels and unit batch-norm statistics, so activations stay finite."""
   rng = np.random.default_rng(0)
@@ -70,11 +74,9 @@ def main():
   parser.add_argument('--numerics', nargs='+', default=['fp32/tf32', 'fp32 strict', 'bf16'])
   args = parser.parse_args()
   emit(what='device', device=str(jax.devices()[0]), jax=jax.__version__)
-  table = {'fp32/tf32': (jnp.float32, jax.lax.Precision.DEFAULT), 'fp32 strict': (jnp.float32, None),
-           'bf16': (jnp.bfloat16, None)}
   for label in args.numerics:
     try:
-      run(label, *table[label], args.batch, args.calls, args.size)
+      run(label, *NUMERICS[label], args.batch, args.calls, args.size)
     except Exception as e:  # one failed configuration must not lose the others
       emit(what='fid_failed', impl=f'ours jax {label}', err=repr(e)[:300])
 

@@ -15,15 +15,21 @@ and only the top-level program is read (one step per call: --steps_per_call 1).
 Needs jax's CUDA plugin of the same version as jax (`pip install "jax[cuda12]==<jax version>"`), no GPU:
   python bench/gpu_program.py [--target h100|h200] [--dtype bfloat16] [--batch 512] [--variant 'a.b=v']
       [--top 20] [--hlo out.hlo.txt.gz]
+
+Before a GPU session, `--preflight [NAME_PART]` compiles every program bench/device_run.sh will run (training
+steps, sampling loops of both networks, FID features) for the target and says which fail to compile: XLA:GPU
+compile errors show up here without a GPU (the sampling loops' openxla/xla#49299 failure does, at its commit).
 """
 
 import argparse
 import collections
+import functools
 import gzip
 import json
 import os
 import re
 import sys
+import time
 
 os.environ.setdefault('JAX_SKIP_CUDA_CONSTRAINTS_CHECK', '1')  # no GPU here: skip the CUDA driver probe
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -109,14 +115,67 @@ def summarize(ks: list[dict], bandwidth: float, flops: float | None, peak_flops:
                   for k in sorted(ks, key=lambda k: -k['bytes'])[:top]]}
 
 
-def compile_for(target: str, fn, *args):
-  """fn (jitted) compiled for a one-GPU `target` description, with every argument replicated on it."""
+def compile_for(target: str, fn, *args, **kwargs):
+  """fn (jitted, or a functools.partial of a jitted function) compiled for a one-GPU `target` description, with
+  every argument replicated on it."""
   from jax.experimental import topologies
+  if isinstance(fn, functools.partial):
+    fn, args, kwargs = fn.func, fn.args + args, {**fn.keywords, **kwargs}
   topology = topologies.get_topology_desc(platform='cuda', target_config=TARGETS[target][0], topology='1x1x1')
   mesh = topologies.make_mesh(topology, (1,), ('data',))
   spec = lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=NamedSharding(mesh, PartitionSpec()))
-  lowered = fn.trace(*jax.tree.map(spec, args)).lower()
+  lowered = fn.trace(*jax.tree.map(spec, args), **jax.tree.map(spec, kwargs)).lower()
   return lowered, lowered.compile()
+
+
+def device_programs():
+  """(name, build) of every program bench/device_run.sh runs; build() -> (jitted callable, args)."""
+  from bench import fid_throughput, sample_throughput, train_throughput
+  from eval import inception
+  out = []
+  rows = [(d, b, 1, 'base') for d in ('bfloat16', 'float32') for b in (128, 512)]  # train
+  rows += [('bfloat16', b, 4, 'base') for b in (128, 512)]  # graphs
+  rows += [('bfloat16', 512, 1, v) for v in ('model.attention=pallas', 'model.dropout=0.0')]  # profile
+  def train(dtype, batch, k, variant):
+    fn, state, batches = train_throughput.build_step(dtype, batch, k, variant=variant)
+    return fn, (state, batches)
+
+  for row in rows:
+    out.append(('train {} b{} k{} {}'.format(*row), functools.partial(train, *row)))
+  for network in sample_throughput.NETWORKS:
+    for dtype in ('bfloat16', 'float32'):
+      for label in ('denoiser_forward', 'ddim50', 'dpm_solver++2m_20'):
+        out.append((f'sample {network} {dtype} {label}',
+                    lambda n=network, d=dtype, l=label: sample_throughput.programs(n, d, 256)[0][l]))
+  for label, (dtype, precision) in fid_throughput.NUMERICS.items():
+    def fid(dtype=dtype, precision=precision):
+      model = inception.InceptionV3(with_logits=False, dtype=dtype, precision=precision)
+      return inception.make_blocks_fn(model, ('pool3',)), (np.zeros((500, 32, 32, 3), np.float32),)
+    out.append((f'fid {label} b500', fid))
+  return out
+
+
+def preflight(target: str, only: str = '') -> bool:
+  """Compiles every program of the device run (those whose name contains `only`) for `target`; prints a JSON
+  line each (compiled or the error, kernels of the top-level program, compile seconds); True if all compile.
+  XLA:GPU compile errors (e.g. openxla/xla#49299, which cost an H100 session's sampling rows) show here."""
+  from models import layers
+  host_check = layers.check_attention
+  layers.check_attention = lambda a: a if a in layers.ATTENTION else host_check(a)
+  layers._written_backward = lambda: True
+  ok = True
+  for name, build in device_programs():
+    if only not in name:
+      continue
+    t0 = time.perf_counter()
+    try:
+      fn, args = build()
+      _, compiled = compile_for(target, fn, *args)
+      line = {'program': name, 'compiled': True, 'kernels': len(kernels(compiled.as_text()))}
+    except Exception as e:  # noqa: BLE001 (report every program, then fail)
+      ok, line = False, {'program': name, 'compiled': False, 'err': repr(e)[:400]}
+    print(json.dumps({**line, 'target': target, 'seconds': round(time.perf_counter() - t0, 1)}), flush=True)
+  return ok
 
 
 def main():
@@ -129,7 +188,11 @@ def main():
   parser.add_argument('--variant', default='base', help="'base' or config overrides 'a.b=v,c.d=w'")
   parser.add_argument('--top', type=int, default=20)
   parser.add_argument('--hlo', default=None, help='also write the optimized HLO text here (gzipped)')
+  parser.add_argument('--preflight', nargs='?', const='', default=None, metavar='NAME_PART',
+                      help="compile every program of bench/device_run.sh (or those whose name contains NAME_PART)")
   args = parser.parse_args()
+  if args.preflight is not None:
+    sys.exit(0 if preflight(args.target, args.preflight) else 1)
   from models import layers
   # The program is for a GPU; this host's backend is the CPU: make the model's GPU choices.
   host_check = layers.check_attention

@@ -97,23 +97,21 @@ def ldm_text(dtype: str, nf: int):
 NETWORKS = {'ddpm_cifar10': ddpm_cifar10, 'ldm_text': ldm_text}
 
 
-def run(network: str, dtype: str, batch: int, calls: int, nf: int) -> None:
+def programs(network: str, dtype: str, batch: int, nf: int = 128) -> tuple[dict, dict, float | None]:
+  """({'denoiser_forward' and each sampler's label: (callable, args)}, parameter counts, guidance scale or None)
+  of `network` at `batch`: what run() times, and what bench/gpu_program.py --preflight compiles for a GPU."""
   config, codec, text, table, labels_of, parts = NETWORKS[network](dtype, nf)
   graphdef, state, _, _ = trainer.init_state(config, codec, text)
   process = trainer.build_process(config)
   parts['unet'] = count(state.ema_params)
   shape = (batch, *trainer.model_input_shape(config, codec))
   labels = labels_of(batch)
-  common = dict(network=network, impl=f'ours jax {dtype}', batch=batch)
 
   cond = jax.jit(lambda tb, y: generate.condition(text, tb, y))(table, labels)  # the network alone is timed
   forward = jax.jit(lambda p, b, x, t, c: nnx.merge(graphdef, p, b)(x, t, c))
   x = jax.random.normal(jax.random.key(0), shape)
   t = jax.random.uniform(jax.random.key(1), (batch,)) * 999.0
-  first, s = timed(forward, (state.ema_params, state.buffers, x, t, cond), calls * 4)
-  emit(what='denoiser_forward', **common, img_per_s=round(batch / s, 1), ms=round(s * 1e3, 2),
-       compile_s=round(first, 1), params=parts)
-
+  out = {'denoiser_forward': (forward, (state.ema_params, state.buffers, x, t, cond))}
   ddim_spacing = 'leading' if config.process.name == 'ddpm' else 'linspace'  # diffusers' DDIM default / continuous t
   for label, overrides in (('ddim50', dict(sampler='ddim', num_steps=50, eta=0.0, spacing=ddim_spacing)),
                            ('dpm_solver++2m_20', dict(sampler='dpm_solver', num_steps=20, order=2,
@@ -121,11 +119,22 @@ def run(network: str, dtype: str, batch: int, calls: int, nf: int) -> None:
     for k, v in overrides.items():
       config.sample[k] = v
     gen = trainer.make_generate_fn(config, graphdef, process, codec, batch, text, table)
-    args = (state.ema_params, state.buffers, jax.random.key(2), labels)
+    out[label] = (gen, (state.ema_params, state.buffers, jax.random.key(2), labels))
+  return out, parts, config.sample.guidance_scale if text else None
+
+
+def run(network: str, dtype: str, batch: int, calls: int, nf: int) -> None:
+  progs, parts, guidance = programs(network, dtype, batch, nf)
+  common = dict(network=network, impl=f'ours jax {dtype}', batch=batch)
+  forward, args = progs.pop('denoiser_forward')
+  first, s = timed(forward, args, calls * 4)
+  emit(what='denoiser_forward', **common, img_per_s=round(batch / s, 1), ms=round(s * 1e3, 2),
+       compile_s=round(first, 1), params=parts)
+  for label, (gen, args) in progs.items():
     first, s = timed(gen, args, calls)
     images, nfe = gen(*args)
-    emit(what='sample', sampler=label, **common, nfe=int(nfe), guidance=config.sample.guidance_scale if text else None,
-         out_shape=list(images.shape), img_per_s=round(batch / s, 1), ms=round(s * 1e3, 1), compile_s=round(first, 1))
+    emit(what='sample', sampler=label, **common, nfe=int(nfe), guidance=guidance, out_shape=list(images.shape),
+         img_per_s=round(batch / s, 1), ms=round(s * 1e3, 1), compile_s=round(first, 1))
 
 
 def main():

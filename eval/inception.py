@@ -13,6 +13,7 @@ Module and branch names are pytorch-fid's (lower-cased at the top level), so a p
 onto the parameter tree by name; eval/inception_weights.py does that mapping and the loading.
 """
 
+import functools
 from collections.abc import Callable, Sequence
 
 import jax
@@ -310,7 +311,7 @@ def make_blocks_fn(model: InceptionV3, blocks: Sequence[str]) -> Callable[[Array
   def run(state, images):
     return nnx.merge(graphdef, state)(images, blocks)
 
-  return lambda images: run(state, images)
+  return functools.partial(run, state)
 
 
 def make_feature_fn(model: InceptionV3) -> Callable[[Array], Array]:

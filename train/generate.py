@@ -1,5 +1,6 @@
 """Generating images with a model and a sampler, in batches, as uint8 — for snapshots and --mode=sample."""
 
+import functools
 from typing import TYPE_CHECKING, Any, Callable
 
 import jax
@@ -48,8 +49,8 @@ def make_generate_fn(graphdef: nnx.GraphDef, process: Process, *, prediction: st
 
   `shape` is what the model sees; with a codec (latent diffusion) the sampled latents are decoded by its frozen
   VAE. With labels and guidance_scale != 1, classifier-free guidance against `null_label` (NFE counts the
-  sampler's network evaluations; a guided one is one call on the doubled batch and counts once). A text model's labels are row ids of the
-  caption `table` (its last row, the empty caption, is the null label). With a mesh, the batch is split over
+  sampler's network evaluations; a guided one is one call on the doubled batch and counts once). A text model's
+  labels are row ids of the caption `table` (its last row, the empty caption, is the null label). With a mesh, the batch is split over
   its data-like axes (the samples are the same as on one device: the noise is drawn for the global batch).
   """
   def generate(params, buffers, rng, labels, frozen):
@@ -68,7 +69,7 @@ def make_generate_fn(graphdef: nnx.GraphDef, process: Process, *, prediction: st
     jitted = jax.jit(generate, out_shardings=(sharding.batch_sharding(mesh), sharding.replicated(mesh)))
   frozen = {'vae': codec.frozen if codec is not None else None, 'text': table}
   frozen = jax.device_put(frozen, sharding.replicated(mesh) if mesh is not None else None)  # once, not per call
-  return lambda params, buffers, rng, labels: jitted(params, buffers, rng, labels, frozen)
+  return functools.partial(jitted, frozen=frozen)  # .func and .keywords: the program, e.g. to compile for a GPU
 
 
 def to_host(x: jax.Array) -> np.ndarray:
