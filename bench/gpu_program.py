@@ -136,6 +136,7 @@ def device_programs():
   rows = [(d, b, 1, 'base') for d in ('bfloat16', 'float32') for b in (128, 512)]  # train
   rows += [('bfloat16', b, 4, 'base') for b in (128, 512)]  # graphs
   rows += [('bfloat16', 512, 1, v) for v in ('model.attention=pallas', 'model.dropout=0.0')]  # profile
+
   def train(dtype, batch, k, variant):
     fn, state, batches = train_throughput.build_step(dtype, batch, k, variant=variant)
     return fn, (state, batches)

@@ -58,7 +58,7 @@ def test_grouped_global_norm_and_clipping_equal_optax():
     norm = np.sqrt(sum((np.asarray(x, np.float64) ** 2).sum() for x in jax.tree.leaves(t)))
     assert optimizer.global_norm(t).dtype == jnp.float32
     np.testing.assert_allclose(float(optimizer.global_norm(t)), norm, rtol=1e-6)
-  # norm: the float32 tree's
+  # from here on, norm is the float32 tree's (the loop's last)
   for max_norm in (norm / 3, 2 * norm):
     clip, ref_clip = optimizer.clip_by_global_norm(max_norm), optax.clip_by_global_norm(max_norm)
     ours, state = clip.update(tree, clip.init(tree))

@@ -50,8 +50,9 @@ def make_generate_fn(graphdef: nnx.GraphDef, process: Process, *, prediction: st
   `shape` is what the model sees; with a codec (latent diffusion) the sampled latents are decoded by its frozen
   VAE. With labels and guidance_scale != 1, classifier-free guidance against `null_label` (NFE counts the
   sampler's network evaluations; a guided one is one call on the doubled batch and counts once). A text model's
-  labels are row ids of the caption `table` (its last row, the empty caption, is the null label). With a mesh, the batch is split over
-  its data-like axes (the samples are the same as on one device: the noise is drawn for the global batch).
+  labels are row ids of the caption `table` (its last row, the empty caption, is the null label). With a mesh,
+  the batch is split over its data-like axes (the samples are the same as on one device: the noise is drawn for
+  the global batch).
   """
   def generate(params, buffers, rng, labels, frozen):
     model_fn = guided_model_fn(nnx.merge(graphdef, params, buffers), process, prediction=prediction,
