@@ -143,11 +143,11 @@ def device_programs():
 
   for row in rows:
     out.append(('train {} b{} k{} {}'.format(*row), functools.partial(train, *row)))
+  sampling = functools.cache(lambda network, dtype: sample_throughput.programs(network, dtype, 256)[0])  # built once
   for network in sample_throughput.NETWORKS:
     for dtype in ('bfloat16', 'float32'):
       for label in ('denoiser_forward', 'ddim50', 'dpm_solver++2m_20'):
-        out.append((f'sample {network} {dtype} {label}',
-                    lambda n=network, d=dtype, l=label: sample_throughput.programs(n, d, 256)[0][l]))
+        out.append((f'sample {network} {dtype} {label}', lambda n=network, d=dtype, l=label: sampling(n, d)[l]))
   for label, (dtype, precision) in fid_throughput.NUMERICS.items():
     def fid(dtype=dtype, precision=precision):
       model = inception.InceptionV3(with_logits=False, dtype=dtype, precision=precision)
@@ -160,10 +160,6 @@ def preflight(target: str, only: str = '') -> bool:
   """Compiles every program of the device run (those whose name contains `only`) for `target`; prints a JSON
   line each (compiled or the error, kernels of the top-level program, compile seconds); True if all compile.
   XLA:GPU compile errors (e.g. openxla/xla#49299, which cost an H100 session's sampling rows) show here."""
-  from models import layers
-  host_check = layers.check_attention
-  layers.check_attention = lambda a: a if a in layers.ATTENTION else host_check(a)
-  layers._written_backward = lambda: True
   ok = True
   for name, build in device_programs():
     if only not in name:
@@ -192,13 +188,13 @@ def main():
   parser.add_argument('--preflight', nargs='?', const='', default=None, metavar='NAME_PART',
                       help="compile every program of bench/device_run.sh (or those whose name contains NAME_PART)")
   args = parser.parse_args()
-  if args.preflight is not None:
-    sys.exit(0 if preflight(args.target, args.preflight) else 1)
   from models import layers
-  # The program is for a GPU; this host's backend is the CPU: make the model's GPU choices.
+  # The programs are for a GPU; this host's backend is the CPU: make the model's GPU choices.
   host_check = layers.check_attention
   layers.check_attention = lambda a: a if a in layers.ATTENTION else host_check(a)  # unknown names still fail
   layers._written_backward = lambda: True
+  if args.preflight is not None:
+    sys.exit(0 if preflight(args.target, args.preflight) else 1)
   fn, state, batches = train_throughput.build_step(args.dtype, args.batch, 1, nf=args.nf, variant=args.variant)
   _, compiled = compile_for(args.target, fn, state, batches)
   text = compiled.as_text()
