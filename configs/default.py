@@ -56,6 +56,12 @@ def get_config() -> config_dict.ConfigDict:
   c.model.skip_rescale = False  # scale residual and skip sums by 1/sqrt(2) (DDPM++)
   c.model.embedding_type = 'positional'  # positional | fourier
   c.model.fourier_scale = 16.0
+  c.model.fir = False  # NCSN++: FIR up / downsampling with fir_kernel instead of nearest / average pooling
+  c.model.fir_kernel = (1, 3, 3, 1)
+  c.model.progressive = 'none'  # NCSN++ output path: none | output_skip | residual
+  c.model.progressive_input = 'none'  # NCSN++ input path: none | input_skip | residual
+  c.model.progressive_combine = 'sum'  # how input_skip joins the down path: sum | cat
+  c.model.up_attention = 'every_block'  # up-path attention: every_block of a level (DDPM) | once per level (score_sde)
   c.model.num_groups = 32  # GroupNorm groups
   c.model.num_classes = 0  # > 0: class-conditional (label num_classes is the null label for guidance)
   c.model.dtype = 'float32'  # compute dtype: float32 | bfloat16 (parameters stay float32)

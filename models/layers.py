@@ -11,6 +11,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from models import resample
+
 Array = jax.Array
 
 
@@ -199,41 +201,67 @@ def downsample_avg(x: Array) -> Array:
 
 
 class Upsample(nnx.Module):
-  """Nearest-neighbour x2, then an optional 3x3 conv."""
+  """x2 upsampling, nearest-neighbour then an optional 3x3 conv; with `fir_kernel`, FIR upsampling, fused with the
+  conv when there is one (NCSN++). The conv maps channels to out_channels (default: channels)."""
 
-  def __init__(self, channels: int, with_conv: bool, *, dtype, rngs: nnx.Rngs):
-    self.conv = conv(channels, channels, dtype=dtype, rngs=rngs) if with_conv else None
+  def __init__(self, channels: int, with_conv: bool, *, out_channels: int | None = None, fir_kernel=None, dtype,
+               rngs: nnx.Rngs):
+    out_channels = out_channels or channels
+    if out_channels != channels and not with_conv:
+      raise ValueError('Upsample changes the channels only with a conv')
+    self.fir_kernel = tuple(fir_kernel) if fir_kernel else None
+    self.conv = conv(channels, out_channels, dtype=dtype, rngs=rngs) if with_conv else None
 
   def __call__(self, x: Array) -> Array:
-    x = upsample_nearest(x)
-    return self.conv(x) if self.conv is not None else x
+    if self.fir_kernel is None:
+      x = upsample_nearest(x)
+      return self.conv(x) if self.conv is not None else x
+    if self.conv is None:
+      return resample.upsample_fir(x, self.fir_kernel)
+    dt = self.conv.dtype
+    return resample.upsample_conv_fir(x.astype(dt), self.conv.kernel[...].astype(dt), self.fir_kernel) + \
+        self.conv.bias[...].astype(dt)
 
 
 class Downsample(nnx.Module):
-  """A stride-2 3x3 conv, or 2x2 average pooling."""
+  """x2 downsampling, a stride-2 3x3 conv or 2x2 average pooling; with `fir_kernel`, FIR downsampling, fused with
+  the conv when there is one (NCSN++). The conv maps channels to out_channels (default: channels)."""
 
-  def __init__(self, channels: int, with_conv: bool, *, dtype, rngs: nnx.Rngs):
-    self.conv = conv(channels, channels, stride=2, dtype=dtype, rngs=rngs) if with_conv else None
+  def __init__(self, channels: int, with_conv: bool, *, out_channels: int | None = None, fir_kernel=None, dtype,
+               rngs: nnx.Rngs):
+    out_channels = out_channels or channels
+    if out_channels != channels and not with_conv:
+      raise ValueError('Downsample changes the channels only with a conv')
+    self.fir_kernel = tuple(fir_kernel) if fir_kernel else None
+    self.conv = conv(channels, out_channels, stride=1 if fir_kernel else 2, dtype=dtype, rngs=rngs) \
+        if with_conv else None
 
   def __call__(self, x: Array) -> Array:
-    return self.conv(x) if self.conv is not None else downsample_avg(x)
+    if self.fir_kernel is None:
+      return self.conv(x) if self.conv is not None else downsample_avg(x)
+    if self.conv is None:
+      return resample.downsample_fir(x, self.fir_kernel)
+    dt = self.conv.dtype
+    return resample.conv_downsample_fir(x.astype(dt), self.conv.kernel[...].astype(dt), self.fir_kernel) + \
+        self.conv.bias[...].astype(dt)
 
 
 class ResBlock(nnx.Module):
   """Residual block with a time(-and-class) embedding.
 
   kind='ddpm': the DDPM / DDPM++ block; kind='biggan': the BigGAN block of NCSN++, which can also
-  up- or down-sample (nearest / average pooling) inside the block.
+  up- or down-sample inside the block (nearest / average pooling, or FIR with `fir_kernel`).
   """
 
   def __init__(self, cin: int, cout: int, temb_dim: int, *, kind: str = 'ddpm', up: bool = False,
                down: bool = False, dropout: float = 0.0, skip_rescale: bool = False, num_groups: int = 32,
-               dtype=jnp.float32, rngs: nnx.Rngs):
+               fir_kernel=None, dtype=jnp.float32, rngs: nnx.Rngs):
     if kind not in ('ddpm', 'biggan'):
       raise ValueError(f"unknown resblock_type {kind!r}; choose 'ddpm' or 'biggan'")
     if (up or down) and kind != 'biggan':
       raise ValueError('only BigGAN blocks resample')
     self.up, self.down, self.skip_rescale = up, down, skip_rescale
+    self.fir_kernel = tuple(fir_kernel) if fir_kernel else None
     self.norm1 = group_norm(cin, num_groups, rngs=rngs)
     self.conv1 = conv(cin, cout, dtype=dtype, rngs=rngs)
     self.temb_proj = dense(temb_dim, cout, dtype=dtype, rngs=rngs)
@@ -243,12 +271,15 @@ class ResBlock(nnx.Module):
     needs_skip = cin != cout or up or down
     self.skip = conv(cin, cout, kernel=1, dtype=dtype, rngs=rngs) if needs_skip else None
 
+  def _resample(self, x: Array) -> Array:
+    if self.fir_kernel is None:
+      return upsample_nearest(x) if self.up else downsample_avg(x)
+    return resample.upsample_fir(x, self.fir_kernel) if self.up else resample.downsample_fir(x, self.fir_kernel)
+
   def __call__(self, x: Array, temb: Array, *, train: bool = False, rngs: nnx.Rngs | None = None) -> Array:
     h = self.norm1(x, silu=True)
-    if self.up:
-      h, x = upsample_nearest(h), upsample_nearest(x)
-    elif self.down:
-      h, x = downsample_avg(h), downsample_avg(x)
+    if self.up or self.down:
+      h, x = self._resample(h), self._resample(x)
     h = self.conv1(h)
     h = h + self.temb_proj(temb)[:, None, None, :]
     h = self.norm2(h, silu=True)

@@ -67,6 +67,11 @@ def test_image_size_mismatch(tmp_path):
   _one_error(main_py('--config.data.image_size=64', workdir=str(tmp_path)), 'image_size')
 
 
+def test_non_positive_interval(tmp_path):
+  _one_error(main_py('--config.training.snapshot_every=0', workdir=str(tmp_path)), 'training.snapshot_every=0',
+             'positive')
+
+
 def test_missing_workdir():
   _one_error(main_py(), '--workdir')
 

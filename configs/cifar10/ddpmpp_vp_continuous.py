@@ -23,6 +23,7 @@ def get_config():
   c.model.resblock_type = 'biggan'
   c.model.skip_rescale = True
   c.model.embedding_type = 'positional'
+  c.model.up_attention = 'once'
 
   c.optim.lr = 2e-4
   c.optim.warmup_steps = 5000

@@ -1,4 +1,5 @@
-"""CIFAR-10, NCSN++ (continuous VE SDE) as in score_sde's ve/cifar10_ncsnpp_continuous.py, without FIR."""
+"""CIFAR-10, NCSN++ (continuous VE SDE) as in score_sde's ve/cifar10_ncsnpp_continuous.py: BigGAN blocks with FIR
+resampling, Fourier features of log sigma, a residual progressive input path, attention once per up level."""
 
 from configs import default
 
@@ -24,6 +25,12 @@ def get_config():
   c.model.skip_rescale = True
   c.model.embedding_type = 'fourier'
   c.model.fourier_scale = 16.0
+  c.model.fir = True
+  c.model.fir_kernel = (1, 3, 3, 1)
+  c.model.progressive = 'none'
+  c.model.progressive_input = 'residual'
+  c.model.progressive_combine = 'sum'
+  c.model.up_attention = 'once'
 
   c.optim.lr = 2e-4
   c.optim.warmup_steps = 5000

@@ -18,7 +18,7 @@ def get_config():
   c.training.time_sampling = 'lognormal'
   c.training.P_mean = -1.2
   c.training.P_std = 1.2
-  c.sample.sampler = 'ddim'  # first-order probability-flow step; EDM Heun arrives with the sampler suite
+  c.sample.sampler = 'ddim'  # first-order probability-flow step (the README's figures); 'heun' is EDM's sampler
   c.sample.spacing = 'karras'
   c.sample.rho = 7.0
   c.sample.clip_x0 = False
