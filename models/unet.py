@@ -67,6 +67,12 @@ class UNet(nnx.Module):
   def __init__(self, cfg: UNetConfig, *, rngs: nnx.Rngs):
     if cfg.embedding_type not in ('positional', 'fourier'):
       raise ValueError(f"unknown embedding_type {cfg.embedding_type!r}; choose 'positional' or 'fourier'")
+    if cfg.nf < 1 or not cfg.ch_mult or min(cfg.ch_mult) < 1 or cfg.num_res_blocks < 1 or cfg.num_heads < 1:
+      raise ValueError(f'the U-Net needs nf >= 1, a non-empty ch_mult of positive ints, num_res_blocks >= 1 and '
+                       f'num_heads >= 1; got nf={cfg.nf}, ch_mult={cfg.ch_mult}, '
+                       f'num_res_blocks={cfg.num_res_blocks}, num_heads={cfg.num_heads}')
+    if not 0.0 <= cfg.dropout < 1.0:
+      raise ValueError(f'dropout={cfg.dropout} must be in [0, 1)')
     for name, choices in (('progressive', ('none', 'output_skip', 'residual')),
                           ('progressive_input', ('none', 'input_skip', 'residual')),
                           ('progressive_combine', ('sum', 'cat')), ('up_attention', ('every_block', 'once'))):

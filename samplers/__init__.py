@@ -31,4 +31,7 @@ def get_sampler(name: str, **options: Any) -> tuple[Any, Callable]:
     options = {**options, 'timesteps': tuple(timesteps), 'num_steps': len(timesteps)}  # checked by the grid
   elif 'timesteps' in options:
     options = {**options, 'timesteps': None}
-  return cls(**{k: v for k, v in options.items() if k in fields}), fn
+  settings = cls(**{k: v for k, v in options.items() if k in fields})
+  if getattr(settings, 'num_steps', 1) < 1:
+    raise ValueError(f'sample.num_steps={settings.num_steps} must be at least 1')
+  return settings, fn

@@ -67,9 +67,18 @@ def test_image_size_mismatch(tmp_path):
   _one_error(main_py('--config.data.image_size=64', workdir=str(tmp_path)), 'image_size')
 
 
-def test_non_positive_interval(tmp_path):
-  _one_error(main_py('--config.training.snapshot_every=0', workdir=str(tmp_path)), 'training.snapshot_every=0',
-             'positive')
+@pytest.mark.parametrize('override, needle', [
+    ('training.snapshot_every=0', 'training.snapshot_every=0'), ('training.grad_accum=0', 'training.grad_accum=0'),
+    ('training.ema_decay=1.5', 'training.ema_decay=1.5'), ('optim.lr=-1', 'optim.lr=-1'),
+    ('sample.num_steps=0', 'sample.num_steps=0'), ('model.nf=0', 'nf=0'),
+    ('model.dropout=1.0', 'dropout=1.0'),
+])
+def test_out_of_range_value(override, needle, tmp_path):
+  """A value outside its range stops with one line naming it, before any step (was: a ZeroDivisionError, a
+  diverging EMA, gradient ascent, a network without channels, or a failure at the first sample grid)."""
+  _one_error(main_py(f'--config.{override}', workdir=str(tmp_path)), needle)
+  written = [os.path.join(d, f) for d, _, files in os.walk(tmp_path) for f in files]
+  assert written == [str(tmp_path / 'config_train.json')], written  # no checkpoint, log or sample
 
 
 def test_missing_workdir():

@@ -19,7 +19,7 @@ from data import pipeline, scaler
 from models import vae_weights
 from models.vae import kl_to_standard_normal, psnr, sample_posterior
 from train.state import TrainState
-from train.step import Batch, apply_gradients
+from train.step import Batch, apply_gradients, check_ema_decay
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,6 +31,9 @@ class AutoencoderSettings:
   ema_decay: float = 0.999
   centered: bool = True
   random_flip: bool = False
+
+  def __post_init__(self):
+    check_ema_decay(self.ema_decay)
 
 
 def _recon(x: jax.Array, y: jax.Array, kind: str) -> jax.Array:

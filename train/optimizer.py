@@ -40,6 +40,12 @@ def make_optimizer(name: str = 'adam', *, lr: float, beta1: float = 0.9, beta2: 
   """(transformation, learning-rate schedule); lr rises linearly from 0 over warmup_steps, then stays."""
   if name not in OPTIMIZERS:
     raise ValueError(f'unknown optimizer {name!r}; choose one of {OPTIMIZERS}')
+  for key, value, ok in (('lr', lr, lr >= 0), ('beta1', beta1, 0 <= beta1 < 1), ('beta2', beta2, 0 <= beta2 < 1),
+                         ('eps', eps, eps > 0), ('weight_decay', weight_decay, weight_decay >= 0),
+                         ('warmup_steps', warmup_steps, warmup_steps >= 0), ('grad_clip', grad_clip, grad_clip >= 0)):
+    if not ok:
+      raise ValueError(f'optim.{key}={value} is out of range (lr, weight_decay, warmup_steps, grad_clip >= 0; '
+                       f'betas in [0, 1); eps > 0)')
   if warmup_steps > 0:
     schedule = optax.warmup_constant_schedule(0.0, lr, warmup_steps)
   else:

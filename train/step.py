@@ -39,6 +39,19 @@ class StepSettings:
   grad_accum: int = 1  # micro-batches per step: the gradient of the whole batch, 1/grad_accum the activations
   cached_latents: bool = False  # latent diffusion: batches hold posterior moments instead of images
 
+  def __post_init__(self):
+    check_ema_decay(self.ema_decay)
+    if self.grad_accum < 1:
+      raise ValueError(f'training.grad_accum={self.grad_accum} must be at least 1')
+    if not 0.0 <= self.label_dropout < 1.0:
+      raise ValueError(f'training.label_dropout={self.label_dropout} must be in [0, 1)')
+
+
+def check_ema_decay(decay: float) -> None:
+  """EMA decays outside [0, 1] make the average diverge."""
+  if not 0.0 <= decay <= 1.0:
+    raise ValueError(f'training.ema_decay={decay} must be in [0, 1]')
+
 
 def apply_gradients(state: TrainState, loss: jax.Array, grads, tx: optax.GradientTransformation,
                     ema_decay: float, param_sharding=None) -> tuple[TrainState, jax.Array]:

@@ -242,8 +242,8 @@ def make_reconstruction_snapshot(config: ml_collections.ConfigDict, graphdef):
 
 def _check_intervals(t: ml_collections.ConfigDict) -> None:
   k = t.steps_per_call
-  if k < 1:
-    raise ValueError(f'training.steps_per_call={k} must be at least 1')
+  if k < 1 or t.grad_accum < 1:
+    raise ValueError(f'training.steps_per_call={k} and training.grad_accum={t.grad_accum} must be at least 1')
   for name in ('log_every', 'snapshot_every', 'checkpoint_every'):
     if t[name] < 1:
       raise ValueError(f'training.{name}={t[name]} must be a positive number of steps')
