@@ -335,6 +335,14 @@ def get_process(name: str, *, schedule: str = 'linear', beta_min: float = 0.1, b
                 cosine_s: float = 0.008, num_timesteps: int = 1000, sigma_min: float = 0.01,
                 sigma_max: float = 50.0, t_eps: float = 1e-5) -> Process:
   """The process registry: typed arguments in, a Process out."""
+  if name in ('vp', 'subvp', 'ddpm') and not 0 < beta_min <= beta_max:
+    raise ValueError(f'process {name!r} needs 0 < beta_min <= beta_max, got beta_min={beta_min}, '
+                     f'beta_max={beta_max}')
+  if name in ('ve', 'edm') and not 0 < sigma_min < sigma_max:
+    raise ValueError(f'process {name!r} needs 0 < sigma_min < sigma_max, got sigma_min={sigma_min}, '
+                     f'sigma_max={sigma_max}')
+  if name in ('vp', 'subvp', 've') and not 0 < t_eps < 1:
+    raise ValueError(f'process.t_eps={t_eps} must be in (0, 1)')
   if name in ('vp', 'subvp'):
     if schedule != 'linear':
       raise ValueError(f'process {name!r} has the linear beta schedule only (got schedule={schedule!r}); '

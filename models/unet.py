@@ -60,31 +60,42 @@ class UNetConfig:
 TextCond = dict[str, Array]  # {'tokens': [B, L, D], 'mask': [B, L], 'pooled': [B, D]} or {'ids', 'mask'}
 
 
+def _validate(cfg: UNetConfig) -> None:
+  """One clear error for a configuration the U-Net cannot build as asked."""
+  if cfg.embedding_type not in ('positional', 'fourier'):
+    raise ValueError(f"unknown embedding_type {cfg.embedding_type!r}; choose 'positional' or 'fourier'")
+  if cfg.nf < 1 or not cfg.ch_mult or min(cfg.ch_mult) < 1 or cfg.num_res_blocks < 1 or cfg.num_heads < 1:
+    raise ValueError(f'the U-Net needs nf >= 1, a non-empty ch_mult of positive ints, num_res_blocks >= 1 and '
+                     f'num_heads >= 1; got nf={cfg.nf}, ch_mult={cfg.ch_mult}, '
+                     f'num_res_blocks={cfg.num_res_blocks}, num_heads={cfg.num_heads}')
+  if cfg.num_groups < 1:
+    raise ValueError(f'num_groups={cfg.num_groups} must be at least 1')
+  if not 0.0 <= cfg.dropout < 1.0:
+    raise ValueError(f'dropout={cfg.dropout} must be in [0, 1)')
+  for name, choices in (('progressive', ('none', 'output_skip', 'residual')),
+                        ('progressive_input', ('none', 'input_skip', 'residual')),
+                        ('progressive_combine', ('sum', 'cat')), ('up_attention', ('every_block', 'once'))):
+    if getattr(cfg, name) not in choices:
+      raise ValueError(f'unknown {name} {getattr(cfg, name)!r}; choose one of {choices}')
+  if cfg.progressive != 'none' and cfg.context_dim > 0:
+    raise ValueError('progressive outputs are for pixel-space NCSN++ models, not text-conditioned ones')
+  if cfg.dtype not in DTYPES:
+    raise ValueError(f'unknown model dtype {cfg.dtype!r}; choose one of {sorted(DTYPES)}')
+  if cfg.image_size % 2 ** (len(cfg.ch_mult) - 1):
+    raise ValueError(f'image_size {cfg.image_size} is not divisible by 2^{len(cfg.ch_mult) - 1} '
+                     f'(ch_mult={cfg.ch_mult})')
+  levels = tuple(cfg.image_size // 2 ** i for i in range(len(cfg.ch_mult)))
+  if not set(cfg.attn_resolutions) <= set(levels):
+    raise ValueError(f'attn_resolutions={tuple(cfg.attn_resolutions)} names resolutions the U-Net does not have: '
+                     f'its levels are {levels} (image_size={cfg.image_size}, {len(cfg.ch_mult)} levels)')
+
+
 class UNet(nnx.Module):
   """eps / x0 / v / score / EDM-F network: (x [B, H, W, C], noise_cond [B], cond) -> [B, H, W, C], where cond
   is None, class labels [B] (num_classes > 0) or a text condition (context_dim > 0)."""
 
   def __init__(self, cfg: UNetConfig, *, rngs: nnx.Rngs):
-    if cfg.embedding_type not in ('positional', 'fourier'):
-      raise ValueError(f"unknown embedding_type {cfg.embedding_type!r}; choose 'positional' or 'fourier'")
-    if cfg.nf < 1 or not cfg.ch_mult or min(cfg.ch_mult) < 1 or cfg.num_res_blocks < 1 or cfg.num_heads < 1:
-      raise ValueError(f'the U-Net needs nf >= 1, a non-empty ch_mult of positive ints, num_res_blocks >= 1 and '
-                       f'num_heads >= 1; got nf={cfg.nf}, ch_mult={cfg.ch_mult}, '
-                       f'num_res_blocks={cfg.num_res_blocks}, num_heads={cfg.num_heads}')
-    if not 0.0 <= cfg.dropout < 1.0:
-      raise ValueError(f'dropout={cfg.dropout} must be in [0, 1)')
-    for name, choices in (('progressive', ('none', 'output_skip', 'residual')),
-                          ('progressive_input', ('none', 'input_skip', 'residual')),
-                          ('progressive_combine', ('sum', 'cat')), ('up_attention', ('every_block', 'once'))):
-      if getattr(cfg, name) not in choices:
-        raise ValueError(f'unknown {name} {getattr(cfg, name)!r}; choose one of {choices}')
-    if cfg.progressive != 'none' and cfg.context_dim > 0:
-      raise ValueError('progressive outputs are for pixel-space NCSN++ models, not text-conditioned ones')
-    if cfg.dtype not in DTYPES:
-      raise ValueError(f'unknown model dtype {cfg.dtype!r}; choose one of {sorted(DTYPES)}')
-    if cfg.image_size % 2 ** (len(cfg.ch_mult) - 1):
-      raise ValueError(f'image_size {cfg.image_size} is not divisible by 2^{len(cfg.ch_mult) - 1} '
-                       f'(ch_mult={cfg.ch_mult})')
+    _validate(cfg)
     self.cfg = cfg
     dt = DTYPES[cfg.dtype]
     nf, temb_dim = cfg.nf, 4 * cfg.nf

@@ -71,11 +71,14 @@ def test_image_size_mismatch(tmp_path):
     ('training.snapshot_every=0', 'training.snapshot_every=0'), ('training.grad_accum=0', 'training.grad_accum=0'),
     ('training.ema_decay=1.5', 'training.ema_decay=1.5'), ('optim.lr=-1', 'optim.lr=-1'),
     ('sample.num_steps=0', 'sample.num_steps=0'), ('model.nf=0', 'nf=0'),
-    ('model.dropout=1.0', 'dropout=1.0'),
+    ('model.dropout=1.0', 'dropout=1.0'), ('sample.batch_size=0', 'sample.batch_size=0'),
+    ('model.num_groups=0', 'num_groups=0'), ('model.attn_resolutions=(7,)', 'the U-Net does not have'),
+    ('process.beta_max=0.01', 'beta_max=0.01'),
 ])
 def test_out_of_range_value(override, needle, tmp_path):
   """A value outside its range stops with one line naming it, before any step (was: a ZeroDivisionError, a
-  diverging EMA, gradient ascent, a network without channels, or a failure at the first sample grid)."""
+  diverging EMA, gradient ascent, a network without channels, a U-Net without the asked-for attention, a
+  decreasing noise schedule, or a failure at the first sample grid)."""
   _one_error(main_py(f'--config.{override}', workdir=str(tmp_path)), needle)
   written = [os.path.join(d, f) for d, _, files in os.walk(tmp_path) for f in files]
   assert written == [str(tmp_path / 'config_train.json')], written  # no checkpoint, log or sample

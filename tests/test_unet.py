@@ -97,10 +97,11 @@ def test_registry_rejects_unknown_names_and_options():
   with pytest.raises(ValueError, match='not divisible'):
     UNet(UNetConfig(image_size=28, ch_mult=(1, 2, 2, 2)), rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match="unknown attention implementation 'flash'"):
-    UNet(UNetConfig(image_size=8, nf=16, ch_mult=(1, 2), attention='flash'), rngs=nnx.Rngs(0))
+    UNet(UNetConfig(image_size=8, nf=16, ch_mult=(1, 2), attn_resolutions=(4,), attention='flash'), rngs=nnx.Rngs(0))
   if jax.default_backend() != 'gpu':
     with pytest.raises(ValueError, match="attention='cudnn' needs an NVIDIA GPU"):
-      UNet(UNetConfig(image_size=8, nf=16, ch_mult=(1, 2), attention='cudnn', context_dim=8), rngs=nnx.Rngs(0))
+      UNet(UNetConfig(image_size=8, nf=16, ch_mult=(1, 2), attn_resolutions=(4,), attention='cudnn',
+                    context_dim=8), rngs=nnx.Rngs(0))
 
 
 def _primitives(jaxpr) -> set[str]:

@@ -43,8 +43,8 @@ class StepSettings:
     check_ema_decay(self.ema_decay)
     if self.grad_accum < 1:
       raise ValueError(f'training.grad_accum={self.grad_accum} must be at least 1')
-    if not 0.0 <= self.label_dropout < 1.0:
-      raise ValueError(f'training.label_dropout={self.label_dropout} must be in [0, 1)')
+    if not 0.0 <= self.label_dropout <= 1.0:
+      raise ValueError(f'training.label_dropout={self.label_dropout} must be in [0, 1]')
 
 
 def check_ema_decay(decay: float) -> None:

@@ -130,6 +130,8 @@ def build_sampler(config: ml_collections.ConfigDict):
   """(settings, sample_fn) from config.sample; x0 is clipped to the data range when sample.clip_x0 (never in
   latent space)."""
   s = config.sample
+  if s.num_samples < 1 or s.batch_size < 1:
+    raise ValueError(f'sample.num_samples={s.num_samples} and sample.batch_size={s.batch_size} must be at least 1')
   options = dict(s.items())
   clip = s.clip_x0 and not config.latent.vae
   options['clip_range'] = scaler.data_range(config.data.centered) if clip else None
