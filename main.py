@@ -15,7 +15,7 @@ import traceback
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-MODES = ('train', 'sample', 'eval', 'fid_stats', 'tune_steps')
+MODES = ('train', 'sample', 'eval', 'fid_stats', 'tune_steps', 'import')
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configs', 'mnist', 'edm.py')  # from any cwd
 FLAGS = flags.FLAGS
@@ -102,6 +102,10 @@ def main(argv: list[str]) -> None:
       info = trainer.tune_steps(config, FLAGS.workdir)
       print(f'tuned {info["num_steps"]} steps of {info["sampler"]} at step {info["step"]}: mean squared distance to '
             f'{info["teacher"]} {info["initial_mse"]:.3g} -> {info["mse"]:.3g}; {info["json"]}\n{info["flag"]}')
+    elif FLAGS.mode == 'import':
+      info = trainer.import_weights(config, FLAGS.workdir)
+      print(f'imported {info["source"]} ({info["layout"]}, {info["num_params"]:,} parameters) as the step-0 '
+            f'checkpoint of {FLAGS.workdir}')
     elif FLAGS.mode == 'eval':
       for row in evaluation.evaluate(config, FLAGS.workdir):
         print(evaluation.describe(row))

@@ -62,6 +62,7 @@ def get_config() -> config_dict.ConfigDict:
   c.model.progressive_input = 'none'  # NCSN++ input path: none | input_skip | residual
   c.model.progressive_combine = 'sum'  # how input_skip joins the down path: sum | cat
   c.model.up_attention = 'every_block'  # up-path attention: every_block of a level (DDPM) | once per level (score_sde)
+  c.model.downsample_padding = 'symmetric'  # stride-2 convs: symmetric | tf (after only, as DDPM's released weights)
   c.model.num_groups = 32  # GroupNorm groups
   c.model.num_classes = 0  # > 0: class-conditional (label num_classes is the null label for guidance)
   c.model.dtype = 'float32'  # compute dtype: float32 | bfloat16 (parameters stay float32)
@@ -70,6 +71,9 @@ def get_config() -> config_dict.ConfigDict:
   c.model.attention = 'xla'  # xla | cudnn (fused; NVIDIA GPU, bf16, heads <= 128 wide) | pallas (flash; NVIDIA GPU)
   # vae: levels of nf * ch_mult channels (f = 2^(len(ch_mult) - 1)), num_res_blocks per level, num_groups, dropout
   c.model.z_channels = 4  # vae: latent channels
+  # --mode=import: a released U-Net in diffusers' layout (config.json + diffusion_pytorch_model.safetensors; DDPM's
+  # google/ddpm-*, NCSN++'s google/ncsnpp-*) becomes the workdir's step-0 checkpoint
+  c.model.init_from = placeholder(str)
 
   # ---------------------------------------------------------------- autoencoder training (model.name = 'vae')
   c.autoencoder = config_dict.ConfigDict()

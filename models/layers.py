@@ -27,9 +27,9 @@ def default_init(scale: float = 1.0):
 
 
 def conv(cin: int, cout: int, kernel: int = 3, *, stride: int = 1, init_scale: float = 1.0, dtype=jnp.float32,
-         rngs: nnx.Rngs) -> nnx.Conv:
-  pad = kernel // 2  # symmetric padding, as PyTorch's Conv2d(padding=k // 2)
-  return nnx.Conv(cin, cout, (kernel, kernel), strides=stride, padding=((pad, pad), (pad, pad)),
+         padding: tuple[int, int] | None = None, rngs: nnx.Rngs) -> nnx.Conv:
+  pad = padding or (kernel // 2,) * 2  # (before, after); default symmetric, as PyTorch's Conv2d(padding=k // 2)
+  return nnx.Conv(cin, cout, (kernel, kernel), strides=stride, padding=(pad, pad),
                   kernel_init=default_init(init_scale), dtype=dtype, rngs=rngs)
 
 
@@ -225,16 +225,21 @@ class Upsample(nnx.Module):
 
 class Downsample(nnx.Module):
   """x2 downsampling, a stride-2 3x3 conv or 2x2 average pooling; with `fir_kernel`, FIR downsampling, fused with
-  the conv when there is one (NCSN++). The conv maps channels to out_channels (default: channels)."""
+  the conv when there is one (NCSN++). The conv maps channels to out_channels (default: channels). Its padding is
+  'symmetric' (one pixel on each side) or 'tf' (TensorFlow's SAME at stride 2: one pixel after, none before; Ho et
+  al.'s DDPM and its released weights)."""
 
-  def __init__(self, channels: int, with_conv: bool, *, out_channels: int | None = None, fir_kernel=None, dtype,
-               rngs: nnx.Rngs):
+  def __init__(self, channels: int, with_conv: bool, *, out_channels: int | None = None, fir_kernel=None,
+               padding: str = 'symmetric', dtype, rngs: nnx.Rngs):
     out_channels = out_channels or channels
     if out_channels != channels and not with_conv:
       raise ValueError('Downsample changes the channels only with a conv')
+    if padding not in ('symmetric', 'tf'):
+      raise ValueError(f"unknown downsample padding {padding!r}; choose 'symmetric' or 'tf'")
     self.fir_kernel = tuple(fir_kernel) if fir_kernel else None
-    self.conv = conv(channels, out_channels, stride=1 if fir_kernel else 2, dtype=dtype, rngs=rngs) \
-        if with_conv else None
+    pad = (0, 1) if padding == 'tf' else None
+    self.conv = conv(channels, out_channels, stride=1 if fir_kernel else 2, padding=None if fir_kernel else pad,
+                     dtype=dtype, rngs=rngs) if with_conv else None
 
   def __call__(self, x: Array) -> Array:
     if self.fir_kernel is None:

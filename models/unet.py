@@ -46,6 +46,7 @@ class UNetConfig:
   progressive_input: str = 'none'  # input path: none | input_skip (the downsampled image joins) | residual
   progressive_combine: str = 'sum'  # how input_skip joins the down path: sum | cat
   up_attention: str = 'every_block'  # up path: after every_block of a level (DDPM) | once per level (score_sde)
+  downsample_padding: str = 'symmetric'  # stride-2 conv: symmetric | tf (after only: DDPM's released weights)
   num_groups: int = 32
   num_classes: int = 0  # > 0: class embedding with num_classes + 1 entries (the last is the null label)
   dtype: str = 'float32'  # compute dtype; parameters are float32
@@ -146,7 +147,8 @@ class UNet(nnx.Module):
         if cfg.resblock_type == 'biggan':
           down.append(nnx.List([layers.ResBlock(ch, ch, temb_dim, down=True, **res_kw)]))
         else:
-          down.append(nnx.List([layers.Downsample(ch, cfg.resamp_with_conv, **resample_kw)]))
+          down.append(nnx.List([layers.Downsample(ch, cfg.resamp_with_conv, padding=cfg.downsample_padding,
+                                                  **resample_kw)]))
         if cfg.progressive_input != 'none':
           input_pyramid.append(InputPyramid(cfg.progressive_input, pyramid_ch, ch, combine=cfg.progressive_combine,
                                             skip_rescale=cfg.skip_rescale, **resample_kw))

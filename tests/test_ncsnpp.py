@@ -1,6 +1,8 @@
 """NCSN++: FIR resampling, the progressive input / output paths and attention once per up level, against diffusers'
 NCSN++ port (tests/fixtures/ncsnpp.npz, from tests/fixtures/make_ncsnpp_fixtures.py) and scipy's upfirdn."""
 
+import dataclasses
+import json
 import math
 import os
 
@@ -11,7 +13,7 @@ import pytest
 import scipy.signal
 from flax import nnx
 
-from models import layers, resample
+from models import layers, resample, unet_weights
 from models.unet import UNet, UNetConfig
 from tests.fixtures.make_ncsnpp_fixtures import weight
 
@@ -100,55 +102,19 @@ def test_fir_layers_take_the_fused_path_and_change_channels():
     layers.Downsample(4, False, out_channels=6, fir_kernel=FIR, dtype=jnp.float32, rngs=rngs)
 
 
-def _diffusers_prefixes(cfg: UNetConfig, model: UNet) -> dict[tuple, str]:
-  """Our module paths -> diffusers' UNet2DModel (Skip blocks) module names, for this NCSN++ layout."""
-  names = {('conv_in',): 'conv_in', ('temb1',): 'time_embedding.linear_1', ('temb2',): 'time_embedding.linear_2',
-           ('mid', 0): 'mid_block.resnets.0', ('mid', 1): 'mid_block.attentions.0', ('mid', 2): 'mid_block.resnets.1'}
-  levels, i = len(cfg.ch_mult), 0
-  for level in range(levels):
-    for b in range(cfg.num_res_blocks):
-      names[('down', i, 0)] = f'down_blocks.{level}.resnets.{b}'
-      names[('down', i, 1)] = f'down_blocks.{level}.attentions.{b}'
-      i += 1
-    if level != levels - 1:
-      names[('down', i, 0)] = f'down_blocks.{level}.resnet_down'
-      names[('input_pyramid', level, 'conv')] = f'down_blocks.{level}.skip_conv'
-      i += 1
-  i = 0
-  for k, level in enumerate(reversed(range(levels))):
-    for b in range(cfg.num_res_blocks + 1):
-      names[('up', i, 0)] = f'up_blocks.{k}.resnets.{b}'
-      names[('up', i, 1)] = f'up_blocks.{k}.attentions.0'
-      i += 1
-    top = level == 0
-    names[('output_pyramid', k, 'norm')] = 'conv_norm_out' if top else f'up_blocks.{k}.skip_norm'
-    names[('output_pyramid', k, 'conv')] = 'conv_out' if top else f'up_blocks.{k}.skip_conv'
-    if not top:
-      names[('up', i, 0)] = f'up_blocks.{k}.resnet_up'
-      i += 1
-  return names
-
-
-_LEAVES = {'norm1': 'norm1', 'conv1': 'conv1', 'temb_proj': 'time_emb_proj', 'norm2': 'norm2', 'conv2': 'conv2',
-           'skip': 'conv_shortcut', 'norm': 'group_norm', 'q': 'to_q', 'k': 'to_k', 'v': 'to_v', 'out': 'to_out.0'}
-
-
 def _load_fixture_weights(model: UNet, cfg: UNetConfig) -> None:
-  """Sets every parameter to the fixture's diffusers tensor (weight(name, shape)), in our layout."""
-  prefixes = _diffusers_prefixes(cfg, model)
-  model.fourier.w[...] = jnp.asarray(weight('time_proj.weight', model.fourier.w.shape))
+  """Sets every parameter to the fixture's diffusers tensor (weight(name, shape)) through models/unet_weights'
+  name map and layout change (not its NCSN++ output negation: this test compares with diffusers' score output)."""
+  shapes = json.loads(str(FIXTURE['tensors']))
+  tensors = {name: weight(name, tuple(shape)) for name, shape in shapes.items()}
+  names = unet_weights.module_names(dataclasses.asdict(cfg), 'ncsnpp')
+  used = set()
   for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-    head = next(path[:n] for n in range(len(path), 0, -1) if path[:n] in prefixes)
-    rest = [_LEAVES.get(p, p) if p in _LEAVES and len(path) - len(head) == 2 else p for p in path[len(head):-1]]
-    name = '.'.join([prefixes[head], *rest, 'weight' if path[-1] in ('scale', 'kernel') else path[-1]])
-    shape = var.shape
-    if len(shape) == 4:  # conv [kh, kw, in, out] <- [out, in, kh, kw]
-      value = weight(name, (shape[3], shape[2], shape[0], shape[1])).transpose(2, 3, 1, 0)
-    elif len(shape) == 2:  # dense [in, out] <- [out, in]
-      value = weight(name, shape[::-1]).T
-    else:
-      value = weight(name, shape)
-    var[...] = jnp.asarray(value)
+    name = unet_weights.diffusers_name(path, names, tensors)
+    var[...] = jnp.asarray(unet_weights.to_ours(name, tensors[name], var.shape))
+    used.add(name)
+  model.fourier.w[...] = jnp.asarray(tensors['time_proj.weight'])
+  assert used | {'time_proj.weight'} == set(tensors)
 
 
 def test_ncsnpp_matches_diffusers():

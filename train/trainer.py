@@ -110,7 +110,7 @@ def build_model(config: ml_collections.ConfigDict, rng: jax.Array, codec=None, t
   if config.latent.vae and codec is None:
     raise ValueError('latent.vae is set: build the model with its codec (build_codec) for the latent shape')
   size, _, channels = model_input_shape(config, codec)
-  options = {k: m[k] for k in m.keys() if k not in ('name', 'prediction', 'sigma_data', 'z_channels')}
+  options = {k: m[k] for k in m.keys() if k not in ('name', 'prediction', 'sigma_data', 'z_channels', 'init_from')}
   options.update(image_size=size, in_channels=channels, ch_mult=tuple(m.ch_mult),
                  attn_resolutions=tuple(m.attn_resolutions))
   if config.text.encoder and text is None:
@@ -393,6 +393,49 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
     logger.close()
     signal.signal(signal.SIGTERM, previous_handler)
   return state
+
+
+def import_weights(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """--mode=import: the released U-Net at model.init_from (models/unet_weights.py) as the step-0 checkpoint of
+  workdir, parameters and EMA alike; sample, eval and train (fine-tuning) then start from it. The config must
+  describe that network: every option it needs that the config sets otherwise is named in one error."""
+  from models import unet_weights
+  if not config.model.init_from:
+    raise ValueError('--mode=import needs --config.model.init_from=<diffusers UNet2DModel folder>')
+  released = unet_weights.read(config.model.init_from)
+  process = 'ddpm' if released.layout == 'ddpm' else 've'
+  m, d = config.model, config.data
+  ours = {**{k: m[k] for k in released.options if k in m}, 'image_size': d.image_size, 'in_channels': d.num_channels,
+          'out_channels': d.num_channels}
+  want = {f'model.{k}' if k in m else {'image_size': 'data.image_size', 'in_channels': 'data.num_channels',
+                                       'out_channels': 'data.num_channels'}[k]: v
+          for k, v in released.options.items() if _normal(ours[k]) != _normal(v)}
+  want.update({k: v for k, v in (('model.name', 'ddpmpp'), ('model.prediction', 'eps'), ('process.name', process),
+                                 ('latent.vae', None), ('model.num_classes', 0))
+               if _normal(config[k.split('.')[0]][k.split('.')[1]]) != _normal(v)})
+  if want:
+    raise ValueError(f'{released.source} is a {released.layout} network; set ' +
+                     ' '.join(f'--config.{k}={v!r}' for k, v in sorted(want.items())))
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'), config.training.keep_checkpoints)
+  if ckpt.latest_step() is not None:
+    raise ValueError(f'{workdir} already has checkpoints (latest step {ckpt.latest_step()}); import into a new '
+                     'workdir')
+  _, state, _, _ = init_state(config)
+  flat = [(path, v.shape) for path, v in nnx.to_flat_state(state.params)]
+  values = unet_weights.to_params(released, flat)
+  params = nnx.from_flat_state([(path, v.replace(jnp.asarray(values[path])))
+                                for path, v in nnx.to_flat_state(state.params)])
+  buffers = nnx.from_flat_state([(path, v.replace(jnp.asarray(values[path])) if path in values else v)
+                                 for path, v in nnx.to_flat_state(state.buffers)])
+  state = state.replace(params=params, ema_params=jax.tree.map(jnp.copy, params), buffers=buffers)
+  ckpt.save(0, state)
+  ckpt.close()
+  return {'source': released.source, 'layout': released.layout, 'num_params': _param_count(params)}
+
+
+def _normal(value):
+  """A config value comparable with a released option (tuples and lists alike)."""
+  return tuple(value) if isinstance(value, (list, tuple)) else value
 
 
 def _param_count(params) -> int:
