@@ -2,7 +2,8 @@
 
 Modes: train (resumes from the latest checkpoint in the workdir), sample (PNG grid + .npz from a checkpoint),
 eval (FID / KID / IS, optionally bits/dim, of checkpoints x samplers), fid_stats (reference statistics),
-tune_steps (a sampler's time grid fitted to a many-step teacher, for --config.sample.timesteps).
+tune_steps (a sampler's time grid fitted to a many-step teacher, for --config.sample.timesteps), import (a
+released diffusers-layout U-Net at --config.model.init_from as the workdir's step-0 checkpoint).
 Any key can be overridden with --config.a.b=value; an unknown key, a wrong type or a broken config file
 stops with one line naming it, before anything is compiled.
 """

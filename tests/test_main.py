@@ -84,6 +84,12 @@ def test_out_of_range_value(override, needle, tmp_path):
   assert written == [str(tmp_path / 'config_train.json')], written  # no checkpoint, log or sample
 
 
+def test_import_without_weights(tmp_path):
+  _one_error(main_py('--mode=import', workdir=str(tmp_path)), 'model.init_from')
+  _one_error(main_py('--mode=import', f'--config.model.init_from={tmp_path}/none', workdir=str(tmp_path)),
+             'config.json')
+
+
 def test_missing_workdir():
   _one_error(main_py(), '--workdir')
 

@@ -34,6 +34,8 @@ def get_config():
   c.training.reduce = 'mean'
   c.training.snapshot_every = 50_000
 
-  c.sample.sampler = 'ddpm'
+  c.sample.sampler = 'pc'  # score_sde's: Euler-Maruyama, no corrector, 1000 steps
+  c.sample.predictor = 'euler_maruyama'
+  c.sample.corrector = 'none'
   c.sample.num_steps = 1000
   return c

@@ -41,6 +41,9 @@ def get_config():
   c.training.reduce = 'sum'
   c.training.snapshot_every = 50_000
 
-  c.sample.sampler = 'ddpm'
+  c.sample.sampler = 'pc'  # score_sde's: reverse diffusion + Langevin (snr 0.16), 1000 steps
+  c.sample.predictor = 'reverse_diffusion'
+  c.sample.corrector = 'langevin'
+  c.sample.snr = 0.16
   c.sample.num_steps = 1000
   return c
