@@ -86,7 +86,7 @@ def _options(c: dict, folder: str) -> tuple[dict, str]:
     need(c.get('mid_block_scale_factor', 1) == 1, 'rescaled skip connections in DDPM blocks')
     options.update(resblock_type='ddpm', skip_rescale=False, embedding_type='positional', resamp_with_conv=True,
                    downsample_padding='tf' if c.get('downsample_padding', 1) == 0 else 'symmetric',
-                   up_attention='every_block')
+                   up_attention='every_block', fir=False, progressive='none', progressive_input='none')
   else:
     need(c.get('time_embedding_type') == 'fourier', 'NCSN++ without Gaussian Fourier features')
     need(abs(c.get('mid_block_scale_factor', 1) - 2 ** 0.5) < 1e-6, 'NCSN++ without skip rescaling')

@@ -100,10 +100,11 @@ def test_ncsnpp_import_predicts_eps_of_the_score(tmp_path):
 def test_a_config_that_differs_is_named_in_one_error(tmp_path):
   folder = _released(tmp_path / 'ddpm', DDPM, 'ddpm_tensors')
   config = _config(**{**DDPM_CONFIG, 'model.nf': 64, 'model.downsample_padding': 'symmetric',
-                      'process.name': 'vp'}, **{'model.init_from': folder})
+                      'model.fir': True, 'process.name': 'vp'}, **{'model.init_from': folder})
   with pytest.raises(ValueError) as e:
     trainer.import_weights(config, str(tmp_path / 'run'))
-  for flag in ("--config.model.nf=32", "--config.model.downsample_padding='tf'", "--config.process.name='ddpm'"):
+  for flag in ("--config.model.nf=32", "--config.model.downsample_padding='tf'", "--config.process.name='ddpm'",
+               '--config.model.fir=False'):
     assert flag in str(e.value)
   assert not os.path.exists(tmp_path / 'run' / 'checkpoints')
 

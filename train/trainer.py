@@ -411,7 +411,7 @@ def import_weights(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                        'out_channels': 'data.num_channels'}[k]: v
           for k, v in released.options.items() if _normal(ours[k]) != _normal(v)}
   want.update({k: v for k, v in (('model.name', 'ddpmpp'), ('model.prediction', 'eps'), ('process.name', process),
-                                 ('latent.vae', None), ('model.num_classes', 0))
+                                 ('latent.vae', None), ('text.encoder', None), ('model.num_classes', 0))
                if _normal(config[k.split('.')[0]][k.split('.')[1]]) != _normal(v)})
   if want:
     raise ValueError(f'{released.source} is a {released.layout} network; set ' +
