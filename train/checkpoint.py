@@ -14,12 +14,22 @@ class CheckpointError(RuntimeError):
   """A checkpoint that cannot be restored: corrupt, or incompatible with the current config."""
 
 
+def _shapes(tree) -> dict[tuple[str, ...], tuple[int, ...]]:
+  """{parameter path: shape} of a parameter tree or its orbax metadata (paths without nnx's 'value' level)."""
+  out = {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    names = tuple(str(getattr(k, 'key', getattr(k, 'name', getattr(k, 'idx', k)))) for k in path)
+    out[tuple(n for n in names if n != 'value')] = tuple(leaf.shape)
+  return out
+
+
 class Checkpointer:
 
   def __init__(self, directory: str, max_to_keep: int = 3):
     self.directory = os.path.abspath(directory)
     self._manager = ocp.CheckpointManager(
-        self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True))
+        self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True),
+        item_handlers=ocp.StandardCheckpointHandler())
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
@@ -37,6 +47,7 @@ class Checkpointer:
     if step is None or step not in self._manager.all_steps():
       raise CheckpointError(f'no checkpoint {"" if step is None else f"at step {step} "}in {self.directory} '
                             f'(available: {self.all_steps() or "none"})')
+    self._check_params(step, state_like)
     target = jax.tree.map(ocp.utils.to_shape_dtype_struct, state_like)
     try:
       return self._manager.restore(step, args=ocp.args.StandardRestore(target))
@@ -45,6 +56,28 @@ class Checkpointer:
       raise CheckpointError(
           f'checkpoint at step {step} in {self.directory} cannot be restored: it is corrupt or does not match '
           f'the current config ({type(e).__name__}: {reason}); it was left untouched') from None
+
+  def _check_params(self, step: int, state_like) -> None:
+    """Compares the checkpoint's parameter shapes (its metadata) with the config's before reading any array.
+
+    A restore into other shapes fails inside orbax while its other reads are still in flight; their callbacks
+    then print tracebacks ("Event loop is closed") over the error line. Checked first, the mismatch is reported
+    without starting them, and it names the parameter. Unreadable metadata is left to the restore to report."""
+    try:
+      meta = self._manager.item_metadata(step)
+      saved = _shapes(meta['params']) if meta is not None else None
+    except Exception:  # noqa: BLE001 (corrupt metadata: the restore reports it)
+      return
+    if not saved:
+      return
+    wanted = _shapes(state_like.params)
+    differ = sorted(p for p in saved.keys() | wanted.keys() if saved.get(p) != wanted.get(p))
+    if differ:
+      p = differ[0]
+      raise CheckpointError(
+          f'checkpoint at step {step} in {self.directory} cannot be restored: it does not match the current config '
+          f'(parameter {"/".join(p)} is {saved.get(p, "absent")} there, {wanted.get(p, "absent")} in the config; '
+          f'{len(differ)} parameters differ); it was left untouched')
 
   def wait(self) -> None:
     self._manager.wait_until_finished()
