@@ -145,7 +145,8 @@ def diffusers_name(path: tuple, names: dict[tuple, str], tensors) -> str:
 
 
 def to_ours(name: str, value: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-  """A diffusers (PyTorch-layout) tensor in our layout: conv [O, I, kh, kw] -> [kh, kw, I, O], dense [O, I] -> [I, O]."""
+  """A diffusers (PyTorch-layout) tensor in our layout: conv [O, I, kh, kw] -> [kh, kw, I, O], dense [O, I] ->
+  [I, O]."""
   if value.ndim == 4:
     value = value.transpose(2, 3, 1, 0)
   elif value.ndim == 2:

@@ -403,16 +403,14 @@ def import_weights(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if not config.model.init_from:
     raise ValueError('--mode=import needs --config.model.init_from=<diffusers UNet2DModel folder>')
   released = unet_weights.read(config.model.init_from)
-  process = 'ddpm' if released.layout == 'ddpm' else 've'
-  m, d = config.model, config.data
-  ours = {**{k: m[k] for k in released.options if k in m}, 'image_size': d.image_size, 'in_channels': d.num_channels,
-          'out_channels': d.num_channels}
-  want = {f'model.{k}' if k in m else {'image_size': 'data.image_size', 'in_channels': 'data.num_channels',
-                                       'out_channels': 'data.num_channels'}[k]: v
-          for k, v in released.options.items() if _normal(ours[k]) != _normal(v)}
-  want.update({k: v for k, v in (('model.name', 'ddpmpp'), ('model.prediction', 'eps'), ('process.name', process),
-                                 ('latent.vae', None), ('text.encoder', None), ('model.num_classes', 0))
-               if _normal(config[k.split('.')[0]][k.split('.')[1]]) != _normal(v)})
+  # every config value the network needs, by config key (the data's shape for the network's input and output)
+  data_keys = {'image_size': 'data.image_size', 'in_channels': 'data.num_channels',
+               'out_channels': 'data.num_channels'}
+  needs = {data_keys.get(k, f'model.{k}'): v for k, v in released.options.items()}
+  needs.update({'model.name': 'ddpmpp', 'model.prediction': 'eps', 'latent.vae': None, 'text.encoder': None,
+                'model.num_classes': 0, 'process.name': 'ddpm' if released.layout == 'ddpm' else 've'})
+  value = lambda key: config[key.split('.')[0]][key.split('.')[1]]
+  want = {k: v for k, v in needs.items() if _normal(value(k)) != _normal(v)}
   if want:
     raise ValueError(f'{released.source} is a {released.layout} network; set ' +
                      ' '.join(f'--config.{k}={v!r}' for k, v in sorted(want.items())))
@@ -421,10 +419,9 @@ def import_weights(config: ml_collections.ConfigDict, workdir: str) -> dict:
     raise ValueError(f'{workdir} already has checkpoints (latest step {ckpt.latest_step()}); import into a new '
                      'workdir')
   _, state, _, _ = init_state(config)
-  flat = [(path, v.shape) for path, v in nnx.to_flat_state(state.params)]
-  values = unet_weights.to_params(released, flat)
-  params = nnx.from_flat_state([(path, v.replace(jnp.asarray(values[path])))
-                                for path, v in nnx.to_flat_state(state.params)])
+  flat = nnx.to_flat_state(state.params)
+  values = unet_weights.to_params(released, [(path, v.shape) for path, v in flat])
+  params = nnx.from_flat_state([(path, v.replace(jnp.asarray(values[path]))) for path, v in flat])
   buffers = nnx.from_flat_state([(path, v.replace(jnp.asarray(values[path])) if path in values else v)
                                  for path, v in nnx.to_flat_state(state.buffers)])
   state = state.replace(params=params, ema_params=jax.tree.map(jnp.copy, params), buffers=buffers)
