@@ -31,7 +31,7 @@ def get_config() -> config_dict.ConfigDict:
   # ---------------------------------------------------------------- forward process
   c.process = config_dict.ConfigDict()
   c.process.name = 'vp'  # vp | subvp | ve | ddpm | edm
-  c.process.schedule = 'linear'  # vp: linear | cosine; ddpm: linear | cosine | scaled_linear
+  c.process.schedule = 'linear'  # vp / subvp: linear; ddpm: linear | cosine | scaled_linear
   c.process.beta_min = 0.1  # beta(t) at t=0 (ddpm: beta_1 = beta_min / N)
   c.process.beta_max = 20.0  # beta(t) at t=1 (ddpm: beta_N = beta_max / N)
   c.process.cosine_s = 0.008  # offset of the cosine schedule (Nichol & Dhariwal 2021)
@@ -39,6 +39,8 @@ def get_config() -> config_dict.ConfigDict:
   c.process.sigma_min = 0.01  # ve / edm
   c.process.sigma_max = 50.0  # ve / edm
   c.process.t_eps = 1e-5  # smallest training time of continuous processes
+  c.process.zero_terminal_snr = False  # ddpm: rescale the betas so that x_T is pure noise (Lin et al. 2024); needs
+  #                                     model.prediction v | x0 | edm, and suits sample.spacing=trailing
 
   # ---------------------------------------------------------------- model
   c.model = config_dict.ConfigDict()
@@ -135,7 +137,8 @@ def get_config() -> config_dict.ConfigDict:
   c.training.steps_per_call = 1  # optimizer steps fused into one jitted call (lax.scan)
   c.training.grad_accum = 1  # micro-batches per optimizer step (same gradient, 1/grad_accum the activations)
   c.training.ema_decay = 0.9999
-  c.training.loss_weighting = 'eps'  # eps (DDPM simple / uniform DSM) | likelihood | x0 | v | edm
+  c.training.loss_weighting = 'eps'  # eps (DDPM simple / uniform DSM) | likelihood | x0 | v | edm | min_snr
+  c.training.min_snr_gamma = 5.0  # min_snr: x0-space weight min(SNR, gamma) (Hang et al. 2023)
   c.training.time_sampling = 'uniform'  # uniform on [t_eps, T] | discrete (ddpm indices) | lognormal (EDM)
   c.training.P_mean = -1.2  # lognormal time sampling: log(sigma / alpha) ~ N(P_mean, P_std^2)
   c.training.P_std = 1.2

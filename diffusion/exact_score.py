@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffusion.parameterization import ModelFn, eps_to_x0
+from diffusion.parameterization import ModelFn
 from diffusion.processes import Process, bcast
 
 Array = jax.Array
@@ -66,15 +66,20 @@ class GaussianMixture:
     x = self.means[k] + jnp.einsum('nij,nj->ni', self.eigvecs[k], jnp.sqrt(self.eigvals[k]) * z)
     return x.reshape((n,) + self.event_shape), k
 
-  def _components(self, x: Array, alpha: Array, sigma: Array):
-    """Per-component log-densities [B, K] and scores [B, K, D] of the marginal at (alpha, sigma) [B]."""
+  def _components(self, x: Array, alpha: Array, sigma: Array, denoise: bool = False):
+    """Per-component log-densities [B, K] and scores [B, K, D] of the marginal at (alpha, sigma) [B]; with
+    denoise, the per-component posterior means E[x0 | x, k] [B, K, D] instead of the scores."""
     x = x.reshape(x.shape[0], -1)  # [B, D]
     var = alpha[:, None, None] ** 2 * self.eigvals[None] + sigma[:, None, None] ** 2  # [B, K, D]
     diff = x[:, None, :] - alpha[:, None, None] * self.means[None]  # [B, K, D]
     proj = jnp.einsum('kdj,bkd->bkj', self.eigvecs, diff)  # [B, K, D] in the eigenbasis
     logp = -0.5 * (self.dim * math.log(2 * math.pi) + jnp.sum(jnp.log(var), -1) + jnp.sum(proj ** 2 / var, -1))
-    score = -jnp.einsum('kdj,bkj->bkd', self.eigvecs, proj / var)
-    return logp + jnp.log(self.weights)[None], score
+    if denoise:  # mu_k + alpha Sigma_k (alpha^2 Sigma_k + sigma^2 I)^-1 (x - alpha mu_k)
+      gain = alpha[:, None, None] * self.eigvals[None] / var
+      out = self.means[None] + jnp.einsum('kdj,bkj->bkd', self.eigvecs, gain * proj)
+    else:
+      out = -jnp.einsum('kdj,bkj->bkd', self.eigvecs, proj / var)
+    return logp + jnp.log(self.weights)[None], out
 
   def logp(self, x: Array, alpha: Array, sigma: Array) -> Array:
     """log p_t(x) [B] of the marginal with signal scale alpha [B] and noise scale sigma [B]."""
@@ -87,6 +92,13 @@ class GaussianMixture:
     resp = jax.nn.softmax(logp, -1)  # [B, K] posterior component probabilities
     return jnp.einsum('bk,bkd->bd', resp, scores).reshape(x.shape)
 
+  def denoise(self, x: Array, alpha: Array, sigma: Array) -> Array:
+    """E[x0 | x_t = x], shaped like x: computed directly, so it stays exact where alpha is about 0 and
+    Tweedie's (x + sigma^2 score) / alpha divides rounding errors by alpha."""
+    logp, means = self._components(x, alpha, sigma, denoise=True)
+    resp = jax.nn.softmax(logp, -1)
+    return jnp.einsum('bk,bkd->bd', resp, means).reshape(x.shape)
+
   def component_posterior(self, x: Array) -> Array:
     """p(k | x) [B, K] under the clean mixture (alpha=1, sigma=0): assigns samples to components."""
     ones = jnp.ones(x.shape[:1])
@@ -94,13 +106,13 @@ class GaussianMixture:
     return jax.nn.softmax(logp, -1)
 
   def model_fn(self, process: Process) -> ModelFn:
-    """The exact model_fn(x, t, cond) -> (x0, eps) for data from this mixture under `process`."""
+    """The exact model_fn(x, t, cond) -> (x0, eps) for data from this mixture under `process`: eps from the
+    score (exact where sigma is about 0 too), x0 from the posterior means."""
 
     def fn(x, t, cond: Any = None):
       del cond
       t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), x.shape[:1])
       alpha, sigma = process.alpha(t), process.sigma(t)
-      eps = -bcast(sigma, x) * self.score(x, alpha, sigma)
-      return eps_to_x0(eps, x, bcast(alpha, x), bcast(sigma, x)), eps
+      return self.denoise(x, alpha, sigma), -bcast(sigma, x) * self.score(x, alpha, sigma)
 
     return fn

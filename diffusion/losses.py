@@ -8,6 +8,9 @@ score err = -(1 / sigma) eps err. So each objective is  w(t) * |eps_hat - eps|^2
   x0          w = (sigma / alpha)^2
   v           w = ((alpha^2 + sigma^2) / alpha)^2
   edm         w = lambda(s) s^2 = (s^2 + sigma_data^2) / sigma_data^2,  s = sigma / alpha   (Karras et al.)
+  min_snr     w = min(SNR, gamma) / SNR,  SNR = alpha^2 / sigma^2        Min-SNR-gamma (Hang et al. 2023)
+Min-SNR's weight is min(SNR, gamma) on the x0 error; its eps- and v-loss forms (min(SNR, gamma) / SNR and
+min(SNR, gamma) / (SNR + 1) on VP processes) are the same objective, so one formula serves every prediction.
 and the time distribution is chosen separately: uniform on [t_eps, T], the discrete DDPM grid, or
 EDM's log-normal noise level log(sigma / alpha) ~ N(P_mean, P_std^2) on any process.
 """
@@ -22,7 +25,7 @@ from diffusion.parameterization import ModelFn
 from diffusion.processes import Process
 
 Array = jax.Array
-WEIGHTINGS = ('eps', 'likelihood', 'x0', 'v', 'edm')
+WEIGHTINGS = ('eps', 'likelihood', 'x0', 'v', 'edm', 'min_snr')
 TIME_SAMPLINGS = ('uniform', 'discrete', 'lognormal')
 REDUCTIONS = ('mean', 'sum')
 
@@ -35,8 +38,11 @@ class LossSettings:
   P_mean: float = -1.2
   P_std: float = 1.2
   sigma_data: float = 0.5
+  min_snr_gamma: float = 5.0
 
   def __post_init__(self):
+    if self.weighting == 'min_snr' and not self.min_snr_gamma > 0:
+      raise ValueError(f'training.min_snr_gamma={self.min_snr_gamma} must be positive')
     for name, value, allowed in (('weighting', self.weighting, WEIGHTINGS),
                                  ('time_sampling', self.time_sampling, TIME_SAMPLINGS),
                                  ('reduce', self.reduce, REDUCTIONS)):
@@ -68,6 +74,8 @@ def eps_weight(process: Process, t: Array, settings: LossSettings) -> Array:
     return (sigma / alpha) ** 2
   if w == 'v':
     return ((alpha ** 2 + sigma ** 2) / alpha) ** 2
+  if w == 'min_snr':  # min(SNR, gamma) / SNR, written so that SNR -> 0 (zero terminal SNR) gives 1
+    return jnp.minimum(1.0, settings.min_snr_gamma * (sigma / alpha) ** 2)
   s2, d2 = (sigma / alpha) ** 2, settings.sigma_data ** 2
   return (s2 + d2) / d2
 

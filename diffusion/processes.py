@@ -269,24 +269,32 @@ class DiscreteDDPM(Process):
 
   Between the grid points log alpha is interpolated linearly (as in DPM-Solver), with alpha(0) = 1, so
   continuous-time samplers and the ODE run on the discrete model too. f is piecewise constant, g^2 = -2 f.
+  With zero_terminal_snr the betas are rescaled so that x_T is pure noise (schedules.rescale_zero_terminal_snr);
+  alpha(T) is then tiny rather than 0 (schedules.finite_terminal), and only x0-, v- or EDM-predicting networks
+  can be sampled from it: x0 = (x - sigma eps) / alpha amplifies an eps network's error by 1 / alpha(T).
   """
 
   t_eps = 0.0
   T = 1.0
 
   def __init__(self, schedule: str = 'linear', num_timesteps: int = 1000, beta_min: float = 0.1,
-               beta_max: float = 20.0, cosine_s: float = 0.008):
+               beta_max: float = 20.0, cosine_s: float = 0.008, zero_terminal_snr: bool = False):
     self.schedule = schedule
     self.num_timesteps = int(num_timesteps)
+    self.zero_terminal_snr = bool(zero_terminal_snr)
     self.betas = schedules.discrete_betas(schedule, num_timesteps, beta_min, beta_max, cosine_s)  # [N]
-    self.alphas_cumprod = schedules.alphas_cumprod(self.betas)  # [N] float64
+    if self.zero_terminal_snr:
+      self.betas = schedules.rescale_zero_terminal_snr(self.betas)
+    self.alphas_cumprod = schedules.alphas_cumprod(self.betas)  # [N] float64; alpha_bar_N = 0 with zero SNR
     n = self.num_timesteps
     self._t_nodes = np.arange(n + 1, dtype=np.float32) / n  # [N + 1]
-    self._log_alpha = np.concatenate([[0.0], 0.5 * np.log(self.alphas_cumprod)]).astype(np.float32)
+    alpha_bar = schedules.finite_terminal(self.alphas_cumprod)  # alpha(T) tiny, not 0: finite log-SNR
+    self._log_alpha = np.concatenate([[0.0], 0.5 * np.log(alpha_bar)]).astype(np.float32)
     self.sample_t_end = 1.0 / n
 
   def __repr__(self):
-    return f'DiscreteDDPM(schedule={self.schedule!r}, num_timesteps={self.num_timesteps})'
+    return (f'DiscreteDDPM(schedule={self.schedule!r}, num_timesteps={self.num_timesteps}, '
+            f'zero_terminal_snr={self.zero_terminal_snr})')
 
   def log_alpha(self, t):
     # Linear interpolation on the uniform nodes k / N by arithmetic, not jnp.interp: its searchsorted is a
@@ -333,8 +341,11 @@ PROCESSES = ('vp', 'subvp', 've', 'ddpm', 'edm')
 
 def get_process(name: str, *, schedule: str = 'linear', beta_min: float = 0.1, beta_max: float = 20.0,
                 cosine_s: float = 0.008, num_timesteps: int = 1000, sigma_min: float = 0.01,
-                sigma_max: float = 50.0, t_eps: float = 1e-5) -> Process:
+                sigma_max: float = 50.0, t_eps: float = 1e-5, zero_terminal_snr: bool = False) -> Process:
   """The process registry: typed arguments in, a Process out."""
+  if zero_terminal_snr and name != 'ddpm':
+    raise ValueError(f"process.zero_terminal_snr rescales a discrete beta schedule: it needs process.name='ddpm', "
+                     f'not {name!r}')
   if name in ('vp', 'subvp', 'ddpm') and not 0 < beta_min <= beta_max:
     raise ValueError(f'process {name!r} needs 0 < beta_min <= beta_max, got beta_min={beta_min}, '
                      f'beta_max={beta_max}')
@@ -354,5 +365,5 @@ def get_process(name: str, *, schedule: str = 'linear', beta_min: float = 0.1, b
   if name == 'edm':
     return EDMProcess(sigma_min=sigma_min, sigma_max=sigma_max)
   if name == 'ddpm':
-    return DiscreteDDPM(schedule, num_timesteps, beta_min, beta_max, cosine_s)
+    return DiscreteDDPM(schedule, num_timesteps, beta_min, beta_max, cosine_s, zero_terminal_snr)
   raise ValueError(f'unknown process {name!r}; choose one of {PROCESSES}')

@@ -18,6 +18,8 @@ SETTINGS = [
     ('edm', losses.LossSettings(weighting='edm', time_sampling='lognormal')),
     ('vp', losses.LossSettings(weighting='v', time_sampling='lognormal')),
     ('vp', losses.LossSettings(weighting='x0')),
+    ('ddpm', losses.LossSettings(weighting='min_snr', time_sampling='discrete')),
+    ('ve', losses.LossSettings(weighting='min_snr', min_snr_gamma=1.0)),
 ]
 
 
@@ -89,6 +91,38 @@ def test_time_sampling():
     losses.sample_time(rng, 4, vp, losses.LossSettings(time_sampling='discrete'))
 
 
+@pytest.mark.parametrize('prediction', ['eps', 'v'])
+def test_min_snr_matches_the_published_recipe(prediction):
+  """Min-SNR-gamma as Hang et al. (2023) and diffusers' training scripts compute it on a VP schedule: the squared
+  error of the network's own target times min(SNR, gamma) / SNR (eps) or min(SNR, gamma) / (SNR + 1) (v)."""
+  process = processes.get_process('ddpm', schedule='scaled_linear', beta_min=0.85, beta_max=12.0)
+  data = _gaussian_data()
+  x0, _ = data.sample(jax.random.key(0), 512)
+  exact = data.model_fn(process)
+
+  def model_fn(x, t, cond=None):  # the exact model with a biased x0: errors of every size across t
+    x0_hat, _ = exact(x, t, cond)
+    x0_hat = 1.1 * x0_hat + 0.05
+    a, s = process.alpha(t)[:, None], process.sigma(t)[:, None]
+    return x0_hat, x0_to_eps(x0_hat, x, a, s)
+
+  settings = losses.LossSettings(weighting='min_snr', time_sampling='discrete', min_snr_gamma=5.0)
+  t, eps = losses.draw_noise(jax.random.key(1), x0, process, settings)
+  ours, _ = losses.denoising_loss_at(model_fn, process, x0, t, eps, settings)
+  a, s = process.alpha(t)[:, None], process.sigma(t)[:, None]
+  x0_hat, eps_hat = model_fn(process.perturb(x0, t, eps), t)
+  snr = (process.alpha(t) / process.sigma(t)) ** 2
+  if prediction == 'eps':
+    per_example = jnp.minimum(snr, 5.0) / snr * jnp.mean((eps_hat - eps) ** 2, -1)
+  else:
+    v_hat, v = a * eps_hat - s * x0_hat, a * eps - s * x0
+    per_example = jnp.minimum(snr, 5.0) / (snr + 1) * jnp.mean((v_hat - v) ** 2, -1)
+  assert float(jnp.min(snr)) < 5.0 < float(jnp.max(snr))  # both sides of the clip are drawn
+  np.testing.assert_allclose(float(ours), float(jnp.mean(per_example)), rtol=2e-4)
+
+
 def test_bad_settings():
   with pytest.raises(ValueError, match='weighting'):
     losses.LossSettings(weighting='snr')
+  with pytest.raises(ValueError, match='min_snr_gamma'):
+    losses.LossSettings(weighting='min_snr', min_snr_gamma=0.0)

@@ -7,7 +7,8 @@ import pytest
 from tests.helpers import ROOT, error_lines, main_py
 
 CONFIGS = [
-    'configs/mnist/ddpm_linear.py', 'configs/mnist/ddpm_cosine.py', 'configs/mnist/ddpmpp_vp.py',
+    'configs/mnist/ddpm_linear.py', 'configs/mnist/ddpm_cosine.py', 'configs/mnist/ddpm_v_zero_snr.py',
+    'configs/mnist/ddpmpp_vp.py',
     'configs/mnist/ddpmpp_subvp.py', 'configs/mnist/ncsnpp_ve.py', 'configs/mnist/edm.py',
     'configs/cifar10/ddpm.py', 'configs/cifar10/ddpmpp_vp_continuous.py',
     'configs/cifar10/ncsnpp_ve_continuous.py', 'configs/mnist/vae_f4.py', 'configs/cifar10/vae_f4.py',
@@ -73,7 +74,7 @@ def test_image_size_mismatch(tmp_path):
     ('sample.num_steps=0', 'sample.num_steps=0'), ('model.nf=0', 'nf=0'),
     ('model.dropout=1.0', 'dropout=1.0'), ('sample.batch_size=0', 'sample.batch_size=0'),
     ('model.num_groups=0', 'num_groups=0'), ('model.attn_resolutions=(7,)', 'the U-Net does not have'),
-    ('process.beta_max=0.01', 'beta_max=0.01'),
+    ('process.beta_max=0.01', 'beta_max=0.01'), ('process.zero_terminal_snr=True', 'model.prediction=eps'),
 ])
 def test_out_of_range_value(override, needle, tmp_path):
   """A value outside its range stops with one line naming it, before any step (was: a ZeroDivisionError, a

@@ -11,6 +11,8 @@ ALL = [
     ('vp', {}), ('subvp', {}), ('ve', {}),
     ('ddpm', {'schedule': 'linear'}), ('ddpm', {'schedule': 'cosine'}), ('ddpm', {'schedule': 'scaled_linear'}),
     ('edm', {'sigma_min': 0.002, 'sigma_max': 80.0}),
+    ('ddpm', {'schedule': 'linear', 'zero_terminal_snr': True}),
+    ('ddpm', {'schedule': 'scaled_linear', 'beta_min': 0.85, 'beta_max': 12.0, 'zero_terminal_snr': True}),
 ]
 
 
@@ -88,6 +90,31 @@ def test_ddpm_alpha_bar_matches_closed_forms():
   p = processes.get_process('ddpm', schedule='scaled_linear', beta_min=0.85, beta_max=12.0, num_timesteps=n)
   got = np.asarray(p.alpha(p.t_from_index(jnp.arange(n)))) ** 2
   np.testing.assert_allclose(got, np.cumprod(1 - b), rtol=2e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize('schedule,kw', [('linear', {}), ('scaled_linear', {'beta_min': 0.85, 'beta_max': 12.0}),
+                                         ('cosine', {})])
+def test_zero_terminal_snr(schedule, kw):
+  """Lin et al.'s rescaling: alpha_bar_1 unchanged, alpha_bar_N = 0 (x_T pure noise), sqrt(alpha_bar) an affine
+  map of the original's; the process keeps a tiny alpha(T) so that log-SNR stays finite and decreasing."""
+  n = 1000
+  plain = processes.get_process('ddpm', schedule=schedule, num_timesteps=n, **kw)
+  p = processes.get_process('ddpm', schedule=schedule, num_timesteps=n, zero_terminal_snr=True, **kw)
+  root, root_plain = np.sqrt(p.alphas_cumprod), np.sqrt(plain.alphas_cumprod)
+  assert p.betas[-1] == 1.0 and p.alphas_cumprod[-1] == 0.0
+  np.testing.assert_allclose(root[0], root_plain[0], rtol=1e-12)
+  slope, offset = np.polyfit(root_plain, root, 1)
+  np.testing.assert_allclose(root, slope * root_plain + offset, atol=1e-12)
+  # the process: equal to the rescaled table on the grid, finite and strictly decreasing log-SNR up to T
+  t = p.t_from_index(jnp.arange(n))
+  np.testing.assert_allclose(np.asarray(p.alpha(t[:-1])) ** 2, p.alphas_cumprod[:-1], rtol=2e-4, atol=1e-7)
+  alpha_T = float(p.alpha(p.T))
+  assert 0 < alpha_T <= 2.0 ** -12 and alpha_T < float(p.alpha(t[-2]))
+  lam = p.log_snr(jnp.linspace(0.0, 1.0, 2001)[1:])
+  assert bool(jnp.all(jnp.isfinite(lam))) and bool(jnp.all(jnp.diff(lam) < 0))
+  np.testing.assert_allclose(float(p.sigma(p.T)), 1.0, atol=1e-7)
+  with pytest.raises(ValueError, match="needs process.name='ddpm'"):
+    processes.get_process('vp', zero_terminal_snr=True)
 
 
 def test_vp_closed_forms():

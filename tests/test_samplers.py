@@ -48,8 +48,11 @@ def sliced_wasserstein(a, b, n_proj=64, seed=0):
 MIXTURE = GaussianMixture.random(jax.random.key(7), 3, (2,), mean_scale=0.7, std_range=(0.05, 0.15))
 
 
+PROCESS_OPTIONS = {'edm': {'sigma_min': 0.002, 'sigma_max': 80.0}, 'ddpm_zero_snr': {'zero_terminal_snr': True}}
+
+
 def _distance(name, sampler, steps, n=4000, **options):
-  process = processes.get_process(name, **({'sigma_min': 0.002, 'sigma_max': 80.0} if name == 'edm' else {}))
+  process = processes.get_process(name.removesuffix('_zero_snr'), **PROCESS_OPTIONS.get(name, {}))
   settings, sample_fn = get_sampler(sampler, num_steps=steps, **options)
   fn = jax.jit(lambda rng: sample_fn(rng, MIXTURE.model_fn(process), process, (n, 2), settings)[0])
   x = np.asarray(fn(jax.random.key(1)))
@@ -75,6 +78,13 @@ def _distance(name, sampler, steps, n=4000, **options):
     ('edm', 'unipc', 3, 25, {'order': 2, 'spacing': 'karras'}),
     ('edm', 'heun', 2, 40, {}), ('vp', 'heun', 2, 40, {}),
     ('edm', 'heun', 2, 80, {'s_churn': 20.0, 's_min': 0.05, 's_max': 50.0, 's_noise': 1.003}),
+    # zero terminal SNR (alpha(T) about 3e-5 on the rescaled linear schedule): every sampler family from pure noise
+    ('ddpm_zero_snr', 'ddim', 5, 200, {'spacing': 'trailing'}), ('ddpm_zero_snr', 'ddpm', 20, 1000, {}),
+    ('ddpm_zero_snr', 'pc', 20, 1000, {'predictor': 'reverse_diffusion', 'corrector': 'langevin'}),
+    ('ddpm_zero_snr', 'ode', 4, 100, {'ode_method': 'heun', 'spacing': 'logsnr'}),
+    ('ddpm_zero_snr', 'dpm_solver', 3, 25, {'order': 2, 'spacing': 'logsnr'}),
+    ('ddpm_zero_snr', 'unipc', 3, 25, {'order': 2, 'spacing': 'logsnr'}),
+    ('ddpm_zero_snr', 'heun', 2, 80, {}),  # its Karras grid starts at sigma / alpha = 3e4: 40 steps reach 0.023
 ])
 def test_samplers_converge_to_the_mixture(name, sampler, coarse_steps, fine_steps, options):
   """With the exact score, samples approach the data distribution as the number of steps grows."""
@@ -256,3 +266,20 @@ def test_unrolled_loops_give_the_same_samples(sampler):
     x_unrolled = jax.jit(lambda r: run(r))(jax.random.key(3))
   assert looped == [False] and unrolled == [True]
   np.testing.assert_allclose(x_unrolled, jax.jit(run)(jax.random.key(3)), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('sampler', ['ddim', 'dpm_solver'])
+def test_zero_terminal_snr_removes_the_mean_bias(sampler):
+  """Lin et al. (2024): with Stable Diffusion's schedule x_T keeps alpha_T = 0.068 of the image, so sampling from
+  N(0, I) with even the exact model misses data far from 0 (for N(m, 1) data the probability-flow map gives mean
+  m (1 - alpha_T)); rescaled to zero terminal SNR the prior is the true x_T and the mean comes out right."""
+  data = GaussianMixture.create([1.0], [np.full(4, 2.0)], [np.eye(4)])
+  means = {}
+  for zero_snr in (False, True):
+    p = processes.get_process('ddpm', schedule='scaled_linear', beta_min=0.85, beta_max=12.0,
+                              zero_terminal_snr=zero_snr)
+    settings, sample_fn = get_sampler(sampler, num_steps=25, spacing='trailing')
+    x = jax.jit(lambda rng: sample_fn(rng, data.model_fn(p), p, (8192, 4), settings)[0])(jax.random.key(0))
+    means[zero_snr] = float(jnp.mean(x))  # standard error 1 / sqrt(8192 * 4) = 0.0055
+  assert 2.0 - means[False] > 0.1, means
+  assert abs(2.0 - means[True]) < 0.02, means
