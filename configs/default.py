@@ -137,6 +137,11 @@ def get_config() -> config_dict.ConfigDict:
   c.training.steps_per_call = 1  # optimizer steps fused into one jitted call (lax.scan)
   c.training.grad_accum = 1  # micro-batches per optimizer step (same gradient, 1/grad_accum the activations)
   c.training.ema_decay = 0.9999
+  # post-hoc EMA (Karras et al. 2024; train/posthoc_ema.py): power-function EMAs of these relative widths are tracked
+  # and saved to <workdir>/ema_profiles/ every ema_profile_every steps and with every checkpoint; sampling and
+  # eval then choose any EMA width with sample.ema_sigma_rel. EDM2 tracks (0.05, 0.1); () tracks none.
+  c.training.ema_profiles = ()
+  c.training.ema_profile_every = 10_000
   c.training.loss_weighting = 'eps'  # eps (DDPM simple / uniform DSM) | likelihood | x0 | v | edm | min_snr
   c.training.min_snr_gamma = 5.0  # min_snr: x0-space weight min(SNR, gamma) (Hang et al. 2023)
   c.training.time_sampling = 'uniform'  # uniform on [t_eps, T] | discrete (ddpm indices) | lognormal (EDM)
@@ -184,6 +189,8 @@ def get_config() -> config_dict.ConfigDict:
   c.sample.guidance_rescale = 0.0  # phi in [0, 1]: rescale the guided eps to the conditional one's std
   c.sample.prompt = placeholder(str)  # text models: every sample from this prompt; None: the dataset's captions
   c.sample.checkpoint_step = placeholder(int)  # --mode=sample: None takes the latest checkpoint
+  c.sample.ema_sigma_rel = placeholder(float)  # None: the EMA of training.ema_decay; a width in (0, 0.288): the
+  #                                              post-hoc EMA reconstructed from training.ema_profiles' snapshots
 
   # ---------------------------------------------------------------- step tuning (--mode=tune_steps)
   c.tune = config_dict.ConfigDict()  # a grid for sample.sampler x sample.num_steps fitted to a teacher

@@ -16,7 +16,9 @@ EVAL = ['--config.eval.batch_size=8', '--config.eval.num_samples=8', '--config.e
 def test_fid_stats_then_eval_of_every_checkpoint_and_resume(tmp_path):
   work, cache = str(tmp_path / 'w'), f'--config.eval.cache_dir={tmp_path}/cache'
   main_py('--config.training.num_steps=4', '--config.training.checkpoint_every=2',
-          '--config.training.snapshot_every=4', workdir=work, check=True)
+          '--config.training.snapshot_every=4', "--config.training.ema_profiles=(0.05,0.1)",
+          '--config.training.ema_profile_every=1', workdir=work, check=True)
+  assert sorted(os.listdir(f'{work}/ema_profiles')) == [f'step_0000000{i}.safetensors' for i in range(1, 5)]
 
   proc = main_py('--mode=fid_stats', cache, *EVAL, workdir=work, check=True)
   stats = glob.glob(f'{tmp_path}/cache/fid_stats/mnist_test_32px_1ch_n16.npz')
@@ -61,6 +63,17 @@ def test_fid_stats_then_eval_of_every_checkpoint_and_resume(tmp_path):
     stochastic, deterministic = json.load(f), json.load(g)
   assert (stochastic['settings']['sample']['eta'], deterministic['settings']['sample']['eta']) == (1.0, 0.0)
   assert stochastic['fid'] != deterministic['fid']
+
+  # Post-hoc EMA of another width: another result, in its own table.
+  main_py('--mode=eval', cache, *EVAL, "--config.eval.samplers=('ddim:3',)", '--config.sample.ema_sigma_rel=0.08',
+          workdir=work, check=True)
+  posthoc = sorted(set(glob.glob(f'{work}/eval/step00000004_ddim_3_*.json')) - set(rows) - set(new))
+  assert len(posthoc) == 1
+  with open(posthoc[0]) as f:
+    row = json.load(f)
+  assert row['ema_sigma_rel'] == 0.08 and row['settings']['sample']['ema_sigma_rel'] == 0.08
+  assert row['fid'] != deterministic['fid']
+  assert os.path.getsize(f'{work}/eval/table_step00000004_ema0.080.md') > 0
 
 
 def test_eval_errors_are_one_line(tmp_path):

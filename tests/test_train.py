@@ -16,7 +16,7 @@ import pytest
 from configs.mnist import ddpmpp_vp
 from data import load_mnist
 from tests.helpers import error_lines, main_py, popen_main
-from train import optimizer
+from train import checkpoint, optimizer, posthoc_ema
 from train import step as step_lib
 from train import trainer
 
@@ -40,8 +40,9 @@ def digits(n):
 def build_step(config):
   graphdef, state, tx, schedule = trainer.init_state(config)
   process = trainer.build_process(config)
+  gammas = tuple(posthoc_ema.sigma_rel_to_gamma(s) for s in config.training.ema_profiles)
   settings = step_lib.StepSettings(prediction=config.model.prediction, loss=trainer.build_loss(config),
-                                   ema_decay=config.training.ema_decay)
+                                   ema_decay=config.training.ema_decay, ema_profile_gammas=gammas)
   one = step_lib.make_train_step(graphdef, process, tx, schedule, settings, jax.random.key(0))
   return graphdef, state, one, process
 
@@ -96,24 +97,31 @@ def test_tiny_unet_overfits_one_batch():
 
 
 def test_fused_steps_and_ema_equal_single_steps():
-  config = tiny_config(ema_decay=0.9)
+  """Also the post-hoc EMA profile: the power-function recursion, decay (1 - 1/t)^(gamma + 1) at step t."""
+  config = tiny_config(ema_decay=0.9, ema_profiles=(0.1,))
   _, state, one, _ = build_step(config)
-  images = digits(16).reshape(2, 8, 16, 16, 1)
-  batches = {'image': jnp.asarray(images), 'label': jnp.zeros((2, 8), jnp.int32)}
-  fused, fused_metrics = jax.jit(step_lib.multi_step(one, 2))(state, batches)
+  images = digits(24).reshape(3, 8, 16, 16, 1)
+  batches = {'image': jnp.asarray(images), 'label': jnp.zeros((3, 8), jnp.int32)}
+  fused, fused_metrics = jax.jit(step_lib.multi_step(one, 3))(state, batches)
   single = jax.jit(step_lib.multi_step(one, 1))
   s, losses_ = state, []
-  ema = state.ema_params
-  for i in range(2):
+  ema, profile, gamma = state.ema_params, state.ema_profiles[0], 6.937203937601809  # sigma_rel 0.1 (Karras et al.)
+  for i in range(3):
     s, m = single(s, jax.tree.map(lambda b: b[i:i + 1], batches))
     losses_.append(float(m['loss'][0]))
-    ema = jax.tree.map(lambda e, p: 0.9 * e + 0.1 * p, ema, s.params)  # the EMA recursion, by hand
-  assert int(fused.step) == int(s.step) == 2
+    ema = jax.tree.map(lambda e, p: 0.9 * e + 0.1 * p, ema, s.params)  # the EMA recursions, by hand
+    decay = (1 - 1 / (i + 1)) ** (gamma + 1)
+    profile = jax.tree.map(lambda e, p: decay * e + (1 - decay) * p, profile, s.params)
+  assert int(fused.step) == int(s.step) == 3
   np.testing.assert_allclose(fused_metrics['loss'], losses_, rtol=1e-5)
   for a, b in zip(jax.tree.leaves(fused.params), jax.tree.leaves(s.params)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
   for a, b in zip(jax.tree.leaves(s.ema_params), jax.tree.leaves(ema)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+  for a, b, c in zip(jax.tree.leaves(s.ema_profiles[0]), jax.tree.leaves(fused.ema_profiles[0]),
+                     jax.tree.leaves(profile)):
+    np.testing.assert_allclose(a, c, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(b, c, rtol=1e-4, atol=1e-6)
 
 
 # ------------------------------------------------------------------ the loop, through main.py
@@ -226,3 +234,63 @@ def test_corrupt_checkpoint_is_reported_and_left_alone(tmp_path):
   lines = error_lines(proc.stderr)
   assert len(lines) == 1 and 'cannot be restored' in lines[0], proc.stderr[-2000:]
   assert {p: os.path.getsize(p) for p in files} == before, 'the checkpoint is left untouched'
+
+
+def test_posthoc_ema_snapshots_and_reconstruction(tmp_path):
+  """EMA profiles are saved every ema_profile_every steps and with every checkpoint; sampling with a tracked width
+  gets that profile back from the snapshots, with another width a combination of them; bad requests stop."""
+  workdir = str(tmp_path)
+  config = tiny_config(num_steps=12, checkpoint_every=8, ema_profiles=(0.05, 0.1), ema_profile_every=3,
+                       snapshot_every=12, log_every=3, progress_bar=False, batch_size=8)
+  config.sample.num_steps, config.sample.num_samples, config.sample.batch_size = 2, 4, 4
+  config.data.resize, config.data.num_threads = True, 1  # MNIST's 28x28 down to the tiny model's 16x16
+  state = trainer.train(config, workdir)
+  assert posthoc_ema.snapshot_steps(workdir) == [3, 6, 8, 9, 12]
+  from safetensors import numpy as safetensors_np
+  saved = safetensors_np.load_file(posthoc_ema.snapshot_path(workdir, 12))
+  for rel, profile in zip(('0.0500', '0.1000'), state.ema_profiles):
+    for name, value in posthoc_ema._flatten(profile).items():
+      np.testing.assert_array_equal(saved[f'{rel}/{name}'], value)
+
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'))
+  _, like, _, _ = trainer.init_state(config)
+  restored = {}
+  for rel in (0.1, 0.07):
+    config.sample.ema_sigma_rel = rel
+    restored[rel] = trainer.restore_state(config, workdir, ckpt, like, 8)
+  for a, b in zip(jax.tree.leaves(restored[0.1].ema_params), jax.tree.leaves(_restore_raw(workdir, 8)['ema_profiles'][1])):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  p05, p10 = (jax.tree.leaves(_restore_raw(workdir, 8)['ema_profiles'][i]) for i in range(2))
+  mid = jax.tree.leaves(restored[0.07].ema_params)
+  gap = lambda x, y: max(float(np.abs(np.asarray(a) - np.asarray(b)).max()) for a, b in zip(x, y))
+  assert 0 < gap(mid, p05) < gap(p05, p10) and 0 < gap(mid, p10) < gap(p05, p10)
+
+  config.sample.ema_sigma_rel = 0.4
+  with pytest.raises(ValueError, match=r'sample.ema_sigma_rel=0.4'):
+    trainer.restore_state(config, workdir, ckpt, like, 8)
+  config.sample.ema_sigma_rel = 0.1
+  os.remove(posthoc_ema.snapshot_path(workdir, 12))
+  with pytest.raises(ValueError, match='needs the EMA snapshot of step 12'):
+    trainer.restore_state(config, workdir, ckpt, like, 12)
+  ckpt.close()
+
+
+def test_checkpoint_written_before_ema_profiles_existed(tmp_path):
+  """A checkpoint without the ema_profiles field (written before post-hoc EMA) restores into a config without
+  profiles; one with profiles stops with a line naming training.ema_profiles."""
+  import dataclasses
+  config = tiny_config()
+  _, state, _, _ = trainer.init_state(config)
+  ckpt = checkpoint.Checkpointer(str(tmp_path))
+  older = {f.name: getattr(state, f.name) for f in dataclasses.fields(state) if f.name != 'ema_profiles'}
+  ckpt._manager.save(5, args=ocp.args.StandardSave(older), force=True)
+  ckpt.wait()
+  restored = ckpt.restore(state)
+  assert int(restored.step) == 0 and restored.ema_profiles == ()
+  for a, b in zip(jax.tree.leaves(restored.params), jax.tree.leaves(state.params), strict=True):
+    np.testing.assert_array_equal(a, b)
+  config.training.ema_profiles = (0.1,)
+  _, with_profiles, _, _ = trainer.init_state(config)
+  with pytest.raises(checkpoint.CheckpointError, match=r'holds 0 post-hoc EMA profiles, the config 1 \(training.ema_profiles'):
+    ckpt.restore(with_profiles)
+  ckpt.close()

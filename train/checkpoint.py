@@ -4,6 +4,7 @@ Orbax writes into a temporary directory and renames it when complete, so a proce
 leaves the previous checkpoints intact and the half-written one is never restored.
 """
 
+import dataclasses
 import os
 
 import jax
@@ -47,24 +48,41 @@ class Checkpointer:
     if step is None or step not in self._manager.all_steps():
       raise CheckpointError(f'no checkpoint {"" if step is None else f"at step {step} "}in {self.directory} '
                             f'(available: {self.all_steps() or "none"})')
-    self._check_params(step, state_like)
-    target = jax.tree.map(ocp.utils.to_shape_dtype_struct, state_like)
+    meta = self._metadata(step)
+    self._check_params(step, state_like, meta)
+    self._check_profiles(step, state_like, meta)
+    target, fill = state_like, None
+    older = [f.name for f in dataclasses.fields(state_like) if meta is not None and f.name not in meta]
+    if older and all(not jax.tree.leaves(getattr(state_like, name)) for name in older):
+      # A checkpoint from before a state field existed (e.g. ema_profiles): that field is empty in this config,
+      # so restore the others and keep it.
+      target = {f.name: getattr(state_like, f.name) for f in dataclasses.fields(state_like) if f.name not in older}
+      fill = state_like
+    target = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
     try:
-      return self._manager.restore(step, args=ocp.args.StandardRestore(target))
+      restored = self._manager.restore(step, args=ocp.args.StandardRestore(target))
+      return restored if fill is None else fill.replace(**restored)
     except Exception as e:  # orbax raises many types; each means the same to the user
       reason = ' '.join(str(e).split())[:300]
       raise CheckpointError(
           f'checkpoint at step {step} in {self.directory} cannot be restored: it is corrupt or does not match '
           f'the current config ({type(e).__name__}: {reason}); it was left untouched') from None
 
-  def _check_params(self, step: int, state_like) -> None:
+  def _metadata(self, step: int):
+    """The checkpoint's tree metadata (field -> array metadata), or None where it cannot be read (a corrupt
+    checkpoint: the restore reports it)."""
+    try:
+      return self._manager.item_metadata(step)
+    except Exception:  # noqa: BLE001
+      return None
+
+  def _check_params(self, step: int, state_like, meta) -> None:
     """Compares the checkpoint's parameter shapes (its metadata) with the config's before reading any array.
 
     A restore into other shapes fails inside orbax while its other reads are still in flight; their callbacks
     then print tracebacks ("Event loop is closed") over the error line. Checked first, the mismatch is reported
     without starting them, and it names the parameter. Unreadable metadata is left to the restore to report."""
     try:
-      meta = self._manager.item_metadata(step)
       saved = _shapes(meta['params']) if meta is not None else None
     except Exception:  # noqa: BLE001 (corrupt metadata: the restore reports it)
       return
@@ -78,6 +96,28 @@ class Checkpointer:
           f'checkpoint at step {step} in {self.directory} cannot be restored: it does not match the current config '
           f'(parameter {"/".join(p)} is {saved.get(p, "absent")} there, {wanted.get(p, "absent")} in the config; '
           f'{len(differ)} parameters differ); it was left untouched')
+
+  def num_profiles(self, step: int) -> int:
+    """How many post-hoc EMA profiles the checkpoint at `step` holds (0 where its metadata cannot be read)."""
+    meta = self._metadata(step)
+    try:
+      return len(meta['ema_profiles']) if meta is not None and 'ema_profiles' in meta else 0
+    except Exception:  # noqa: BLE001
+      return 0
+
+  def _check_profiles(self, step: int, state_like, meta) -> None:
+    """The number of post-hoc EMA profiles is part of the state: a mismatch is a config error, named as such."""
+    if meta is None or not hasattr(state_like, 'ema_profiles'):
+      return
+    try:
+      saved = len(meta['ema_profiles']) if 'ema_profiles' in meta else 0
+    except Exception:  # noqa: BLE001
+      return
+    if saved != len(state_like.ema_profiles):
+      raise CheckpointError(
+          f'checkpoint at step {step} in {self.directory} cannot be restored: it holds {saved} post-hoc EMA '
+          f'profiles, the config {len(state_like.ema_profiles)} (training.ema_profiles must stay as the run was '
+          'started); it was left untouched')
 
   def wait(self) -> None:
     self._manager.wait_until_finished()

@@ -168,11 +168,12 @@ def _sample_metrics(config, feats, logits, ref_mu, ref_sigma, ref_feats) -> dict
   return out
 
 
-def _write_table(eval_dir: str, step: int, rows: list[dict]) -> None:
-  """FID (and friends) against NFE for one checkpoint: JSON, markdown and a PNG plot (process 0)."""
+def _write_table(eval_dir: str, step: int, rows: list[dict], ema_sigma_rel: float | None = None) -> None:
+  """FID (and friends) against NFE for one checkpoint (and post-hoc EMA width): JSON, markdown and a PNG plot
+  (process 0)."""
   if jax.process_index() != 0:
     return
-  base = os.path.join(eval_dir, f'table_step{step:08d}')
+  base = os.path.join(eval_dir, f'table_step{step:08d}' + (f'_ema{ema_sigma_rel:.3f}' if ema_sigma_rel else ''))
   with open(base + '.json', 'w') as f:
     json.dump(rows, f, indent=1)
   keys = [k for k in ('fid', 'kid', 'is', 'precision', 'recall', 'bpd') if any(k in r for r in rows)]
@@ -191,7 +192,8 @@ def _write_table(eval_dir: str, step: int, rows: list[dict]) -> None:
     for name in dict.fromkeys(r['sampler'] for r in rows):
       pts = sorted((r['nfe'], r['fid']) for r in rows if r['sampler'] == name and 'fid' in r)
       ax.plot(*zip(*pts), marker='o', label=name)
-    ax.set(xscale='log', xlabel='NFE', ylabel='FID', title=f'step {step}')
+    ax.set(xscale='log', xlabel='NFE', ylabel='FID',
+           title=f'step {step}' + (f', post-hoc EMA sigma_rel {ema_sigma_rel:g}' if ema_sigma_rel else ''))
     ax.legend()
     fig.tight_layout()
     fig.savefig(base + '.png', dpi=110)
@@ -253,13 +255,14 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
         rows.append(_read_result(path))
         continue
       if state is None:
-        state = ckpt.restore(state_like, step)
+        state = trainer.restore_state(config, workdir, ckpt, state_like, step)
       gen = trainer.make_generate_fn(pair_config, graphdef, process, codec, e.batch_size, text, table)
       rng = jax.random.fold_in(jax.random.key(config.seed), 3)
       t0 = time.perf_counter()
       feats, logits, nfe = _generated_features(gen, state, rng, extractor, config, num_labels,
                                                desc=f'step {step} {label}')
       row = {'step': step, 'sampler': name, 'num_steps': num_steps, 'nfe': nfe, 'num_samples': e.num_samples,
+             **({'ema_sigma_rel': config.sample.ema_sigma_rel} if config.sample.ema_sigma_rel is not None else {}),
              'timesteps': list(pair_config.sample.timesteps),
              'reference': e.ref_stats or reference_paths(config)[0],
              **_sample_metrics(config, feats, logits, ref_mu, ref_sigma, ref_feats),
@@ -274,10 +277,10 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
       _write_json(path, {**row, 'settings': settings})  # the marker that this pair is done
       rows.append(row)
     if rows:
-      _write_table(eval_dir, step, rows)
+      _write_table(eval_dir, step, rows, config.sample.ema_sigma_rel)
     results.extend(rows)
     if e.binding:
-      state = state if state is not None else ckpt.restore(state_like, step)
+      state = state if state is not None else trainer.restore_state(config, workdir, ckpt, state_like, step)
       results.extend(_binding(config, eval_dir, step, state, graphdef, process, codec, text, plan[0]))
   ckpt.close()
   if writer is not None:
@@ -290,6 +293,8 @@ def evaluate_autoencoder(config: ml_collections.ConfigDict, workdir: str) -> lis
   eval.num_samples evaluation images, the std of their scaled latents (~1 with the stored scale factor), and
   with 'fid' / 'kid' in eval.metrics the reconstructions' FID / KID against the reference statistics."""
   e, d = config.eval, config.data
+  if config.sample.ema_sigma_rel is not None:
+    raise ValueError('sample.ema_sigma_rel (post-hoc EMA) is for diffusion models, not autoencoders (model.name=vae)')
   eval_dir = os.path.join(workdir, 'eval')
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'))
   steps = _select_steps(ckpt.all_steps(), e.checkpoints)

@@ -14,8 +14,11 @@ class TrainState:
   buffers: nnx.State  # fixed non-trainable arrays of the model (e.g. Fourier frequencies)
   opt_state: optax.OptState
   bad_step: jax.Array  # int32 [], first step whose loss or gradient norm was not finite; -1: none
+  ema_profiles: tuple = ()  # power-function EMAs of params for post-hoc EMA (train/posthoc_ema.py), one per sigma_rel
 
   @classmethod
-  def create(cls, params: nnx.State, buffers: nnx.State, tx: optax.GradientTransformation) -> 'TrainState':
+  def create(cls, params: nnx.State, buffers: nnx.State, tx: optax.GradientTransformation,
+             num_profiles: int = 0) -> 'TrainState':
     return cls(step=jnp.zeros((), jnp.int32), params=params, ema_params=jax.tree.map(jnp.copy, params),
-               buffers=buffers, opt_state=tx.init(params), bad_step=jnp.full((), -1, jnp.int32))
+               buffers=buffers, opt_state=tx.init(params), bad_step=jnp.full((), -1, jnp.int32),
+               ema_profiles=tuple(jax.tree.map(jnp.copy, params) for _ in range(num_profiles)))

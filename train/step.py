@@ -16,6 +16,7 @@ from data import scaler
 from diffusion import losses
 from diffusion.parameterization import make_model_fn
 from diffusion.processes import Process
+from train import posthoc_ema
 from train.latent import LatentCodec
 from train.optimizer import global_norm
 from train.state import TrainState
@@ -31,6 +32,7 @@ class StepSettings:
   prediction: str = 'eps'
   loss: losses.LossSettings = losses.LossSettings()
   ema_decay: float = 0.9999
+  ema_profile_gammas: tuple[float, ...] = ()  # exponents of the power-function EMA profiles (post-hoc EMA)
   centered: bool = True
   dequantize: bool = False
   random_flip: bool = False
@@ -54,8 +56,12 @@ def check_ema_decay(decay: float) -> None:
 
 
 def apply_gradients(state: TrainState, loss: jax.Array, grads, tx: optax.GradientTransformation,
-                    ema_decay: float, param_sharding=None) -> tuple[TrainState, jax.Array]:
-  """The optimizer update, the EMA and the divergence flag shared by every step; returns (state, grad norm).
+                    ema_decay: float, param_sharding=None,
+                    profile_gammas: tuple[float, ...] = ()) -> tuple[TrainState, jax.Array]:
+  """The optimizer update, the EMAs and the divergence flag shared by every step; returns (state, grad norm).
+
+  profile_gammas: the exponents of state.ema_profiles, power-function EMAs with decay (1 - 1/t)^(gamma + 1)
+  at step t (train/posthoc_ema.py).
 
   param_sharding (the parameters' NamedShardings; None leaves the gradients' placement to XLA) places the
   gradients like the parameters, so that under FSDP they are reduce-scattered onto the parameters' shards and
@@ -66,11 +72,17 @@ def apply_gradients(state: TrainState, loss: jax.Array, grads, tx: optax.Gradien
     grads = jax.lax.with_sharding_constraint(grads, param_sharding)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  ema = jax.tree.map(lambda e, p: ema_decay * e + (1 - ema_decay) * p, state.ema_params, params)
+  average = lambda decay, ema: jax.tree.map(lambda e, p: decay * e + (1 - decay) * p, ema, params)
+  ema = average(ema_decay, state.ema_params)
+  if len(profile_gammas) != len(state.ema_profiles):
+    raise ValueError(f'{len(state.ema_profiles)} EMA profiles in the state, {len(profile_gammas)} exponents given')
+  t = (state.step + 1).astype(jnp.float32)
+  profiles = tuple(average(posthoc_ema.beta(t, g), e) for g, e in zip(profile_gammas, state.ema_profiles))
   grad_norm = global_norm(grads)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
   bad_step = jnp.where((state.bad_step < 0) & ~finite, state.step, state.bad_step)
-  new = state.replace(step=state.step + 1, params=params, ema_params=ema, opt_state=opt_state, bad_step=bad_step)
+  new = state.replace(step=state.step + 1, params=params, ema_params=ema, opt_state=opt_state, bad_step=bad_step,
+                      ema_profiles=profiles)
   return new, grad_norm
 
 
@@ -139,7 +151,8 @@ def make_train_step(graphdef: nnx.GraphDef, process: Process, tx: optax.Gradient
   def step(state: TrainState, batch: Batch, frozen=None):
     key = jax.random.fold_in(rng, state.step)
     loss, grads = loss_and_grads(state.params, state.buffers, batch, key, frozen)
-    new, grad_norm = apply_gradients(state, loss, grads, tx, settings.ema_decay, param_sharding)
+    new, grad_norm = apply_gradients(state, loss, grads, tx, settings.ema_decay, param_sharding,
+                                     settings.ema_profile_gammas)
     return new, {'loss': loss, 'grad_norm': grad_norm, 'lr': jnp.asarray(schedule(state.step), jnp.float32)}
 
   return step

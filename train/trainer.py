@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 from tqdm import tqdm
 
@@ -27,7 +28,7 @@ from data import images as image_io
 from data import pipeline, scaler, sources
 from diffusion import losses, processes
 from models import vae
-from train import autoencoder, checkpoint, generate, latent, sharding, step as step_lib
+from train import autoencoder, checkpoint, generate, latent, posthoc_ema, sharding, step as step_lib
 from train.logger import Logger
 from train.optimizer import make_optimizer
 from train.state import TrainState
@@ -176,7 +177,26 @@ def init_state(config: ml_collections.ConfigDict, codec: latent.LatentCodec | No
   o = config.optim
   tx, schedule = make_optimizer(o.optimizer, lr=o.lr, beta1=o.beta1, beta2=o.beta2, eps=o.eps,
                                 weight_decay=o.weight_decay, warmup_steps=o.warmup_steps, grad_clip=o.grad_clip)
-  return graphdef, TrainState.create(params, buffers, tx), tx, schedule
+  num_profiles = 0 if is_autoencoder(config) else len(config.training.ema_profiles)
+  return graphdef, TrainState.create(params, buffers, tx, num_profiles), tx, schedule
+
+
+def restore_state(config: ml_collections.ConfigDict, workdir: str, ckpt: checkpoint.Checkpointer, state_like,
+                  step: int | None = None) -> TrainState:
+  """The checkpoint at `step` (None: the latest) for sampling; with sample.ema_sigma_rel set, its EMA parameters
+  are the post-hoc EMA of that width at the checkpoint's step, reconstructed from the EMA profile snapshots.
+  The EMA profiles the run tracked are restored whatever training.ema_profiles says now (sampling needs no
+  training settings)."""
+  n = ckpt.num_profiles(ckpt.latest_step() if step is None else step)
+  if n != len(state_like.ema_profiles):
+    state_like = state_like.replace(ema_profiles=tuple(state_like.params for _ in range(n)))
+  state = ckpt.restore(state_like, step)
+  sigma_rel = config.sample.ema_sigma_rel
+  if sigma_rel is None:
+    return state
+  params, _ = posthoc_ema.reconstruct(workdir, int(state.step), sigma_rel, jax.device_get(state.ema_params))
+  shardings = jax.tree.map(lambda a: a.sharding, state.ema_params)
+  return state.replace(ema_params=jax.device_put(params, shardings))
 
 
 def sampling_mesh(config: ml_collections.ConfigDict, batch_size: int) -> Mesh | None:
@@ -251,7 +271,7 @@ def _check_intervals(t: ml_collections.ConfigDict) -> None:
   k = t.steps_per_call
   if k < 1 or t.grad_accum < 1:
     raise ValueError(f'training.steps_per_call={k} and training.grad_accum={t.grad_accum} must be at least 1')
-  for name in ('log_every', 'snapshot_every', 'checkpoint_every'):
+  for name in ('log_every', 'snapshot_every', 'checkpoint_every') + (('ema_profile_every',) if t.ema_profiles else ()):
     if t[name] < 1:
       raise ValueError(f'training.{name}={t[name]} must be a positive number of steps')
     if t[name] % k:
@@ -292,6 +312,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
     raise ValueError(f'model.num_classes={config.model.num_classes} but {config.data.dataset} has no labels')
   table = text.table(captions) if text is not None else None  # row len(captions): the empty caption
 
+  if t.ema_profiles and is_autoencoder(config):
+    raise ValueError('training.ema_profiles (post-hoc EMA) is for diffusion models, not autoencoders (model.name=vae)')
+  profile_gammas = tuple(posthoc_ema.sigma_rel_to_gamma(s, 'training.ema_profiles') for s in t.ema_profiles)
   graphdef, state, tx, schedule = init_state(config, codec, text)
   # The state lives on the mesh before a restore, so a checkpoint written on any other mesh is resharded
   # onto this one.
@@ -316,7 +339,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
     snapshot, reconstruct = make_reconstruction_snapshot(config, graphdef)
   else:
     settings = step_lib.StepSettings(
-        prediction=config.model.prediction, loss=build_loss(config), ema_decay=t.ema_decay, centered=d.centered,
+        prediction=config.model.prediction, loss=build_loss(config), ema_decay=t.ema_decay,
+        ema_profile_gammas=profile_gammas, centered=d.centered,
         dequantize=d.uniform_dequantization, random_flip=d.random_flip,
         num_classes=len(captions) if text is not None else config.model.num_classes,
         label_dropout=t.label_dropout, grad_accum=t.grad_accum, cached_latents=codec is not None and config.latent.cache)
@@ -339,6 +363,12 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
     if is_autoencoder(config) and jax.process_index() == 0:
       autoencoder.export(os.path.join(workdir, 'vae'), build_vae_config(config), state)
     return state
+
+  def save_profiles(state: TrainState, step: int) -> None:
+    """The EMA profiles at `step` for post-hoc EMA; every process takes part in the gather, process 0 writes."""
+    profiles = multihost_utils.process_allgather(state.ema_profiles, tiled=True)
+    if jax.process_index() == 0:
+      posthoc_ema.save_snapshot(workdir, step, tuple(t.ema_profiles), profiles)
 
   k = t.steps_per_call
   batches = pipeline.make_batches(source, batch_size=t.batch_size // n_proc, seed=config.seed,
@@ -382,9 +412,12 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
         pending = []
         check_finite()
         logger.scalars(step, {name: float(np.mean([v[name] for v in values])) for name in values[0]})
-      if step % t.checkpoint_every == 0 or done:
+      checkpointing = step % t.checkpoint_every == 0 or done
+      if checkpointing:
         check_finite()
         state = save_checkpoint(state, step)
+      if t.ema_profiles and (checkpointing or step % t.ema_profile_every == 0):
+        save_profiles(state, step)
       if step % t.snapshot_every == 0 or step >= t.num_steps:
         path = os.path.join(workdir, 'samples', f'step_{step:08d}.png')
         out = snapshot(state, path)
@@ -450,7 +483,7 @@ def _restore_for_sampling(config: ml_collections.ConfigDict, workdir: str):
   captions = dataset_captions(config) if text is not None and not config.sample.prompt else None
   graphdef, state, _, _ = init_state(config, codec, text)
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'))
-  state = ckpt.restore(state, config.sample.checkpoint_step)
+  state = restore_state(config, workdir, ckpt, state, config.sample.checkpoint_step)
   ckpt.close()
   return process, codec, text, captions, graphdef, state
 
@@ -464,7 +497,7 @@ def sample(config: ml_collections.ConfigDict, workdir: str) -> dict:
   step = int(state.step)
   s = config.sample
   snapshot = make_snapshot_fn(config, graphdef, process, codec, text, captions)
-  name = f'{s.sampler}_{s.num_steps}steps_step{step:08d}'
+  name = f'{s.sampler}_{s.num_steps}steps_step{step:08d}' + (f'_ema{s.ema_sigma_rel:.3f}' if s.ema_sigma_rel else '')
   if s.prompt:
     name += '_' + re.sub(r'[^a-z0-9]+', '_', s.prompt.lower()).strip('_')[:60]
   png = os.path.join(workdir, 'samples', f'{name}.png')

@@ -1,0 +1,146 @@
+"""Post-hoc EMA (Karras et al. 2024, "Analyzing and Improving the Training Dynamics of Diffusion Models", Sec. 3).
+
+The EMA length that gives the best samples is found only after training, and it differs between models and
+samplers. Training therefore tracks a few power-function EMAs of the parameters ("profiles") and saves them
+as snapshots; any other EMA length is reconstructed afterwards as a linear combination of the snapshots.
+
+A power-function EMA at step t averages the parameters of steps tau <= t with weights proportional to
+tau^gamma, which the recursion  ema <- beta ema + (1 - beta) params,  beta_t = (1 - 1/t)^(gamma + 1)
+produces. Its relative width sigma_rel (the standard deviation of tau / t under the weights, which follow
+Beta(gamma + 1, 1)) is what one chooses: sigma_rel^2 = (gamma + 1) / ((gamma + 2)^2 (gamma + 3)). The profiles
+p(tau) = (gamma + 1) tau^gamma / t^(gamma + 1) of all snapshots and of the target span a space in which the
+target is fitted by least squares (their inner products are closed-form); the same weights then combine the
+snapshots' parameters.
+
+Snapshots are safetensors files `<workdir>/ema_profiles/step_<step>.safetensors` with one tensor per
+(profile, parameter), named `<sigma_rel>/<parameter path>`, written by process 0 every
+training.ema_profile_every steps and with every checkpoint.
+"""
+
+import glob
+import json
+import os
+import re
+
+import jax
+import numpy as np
+from safetensors import numpy as safetensors_np
+
+SNAPSHOT_DIR = 'ema_profiles'
+MAX_SIGMA_REL = float(np.sqrt(1 / 12))  # gamma -> 0: the uniform average of all steps
+
+
+class PosthocEMAError(ValueError):
+  """Post-hoc EMA is asked for, but the snapshots cannot give it."""
+
+
+def sigma_rel_to_gamma(sigma_rel: float, name: str = 'sigma_rel') -> float:
+  """The exponent gamma > 0 of the power-function EMA of relative width sigma_rel (e.g. 0.05 -> 16.97)."""
+  if not 0 < sigma_rel < MAX_SIGMA_REL:
+    raise PosthocEMAError(f'{name}={sigma_rel}: an EMA width sigma_rel must be in (0, {MAX_SIGMA_REL:.4f})')
+  s2 = 1.0 / sigma_rel ** 2  # (gamma + 2)^2 (gamma + 3) = s2 (gamma + 1), a cubic in gamma
+  roots = np.roots([1.0, 7.0, 16.0 - s2, 12.0 - s2])
+  return float(max(r.real for r in roots if abs(r.imag) < 1e-9))
+
+
+def beta(step, gamma: float):
+  """The decay of the power-function EMA at optimizer step `step` >= 1 (0 at step 1: the EMA starts at the
+  parameters). Works on arrays inside jit."""
+  return (1.0 - 1.0 / step) ** (gamma + 1.0)
+
+
+def profile_products(t_a, gamma_a, t_b, gamma_b) -> np.ndarray:
+  """Inner products of the profiles p(tau) = (gamma + 1) tau^gamma / t^(gamma + 1) on [0, t] (broadcasting):
+  (gamma_a + 1)(gamma_b + 1) m^(gamma_a + gamma_b + 1) / ((gamma_a + gamma_b + 1) t_a^(gamma_a + 1) t_b^(gamma_b + 1)),
+  m = min(t_a, t_b), written with ratios <= 1 so that large exponents do not overflow."""
+  t_a, g_a, t_b, g_b = (np.asarray(v, np.float64) for v in (t_a, gamma_a, t_b, gamma_b))
+  m = np.minimum(t_a, t_b)
+  return ((g_a + 1) * (g_b + 1) / (g_a + g_b + 1) / np.maximum(t_a, t_b)
+          * (m / t_a) ** g_a * (m / t_b) ** g_b)
+
+
+def coefficients(times, gammas, t_target: float, gamma_target: float) -> np.ndarray:
+  """Weights [S] of snapshots (times [S], gammas [S]) whose combination of profiles is closest (L2) to the
+  target profile; normalized to sum to 1, as Karras et al. do, so that the result is an average."""
+  times, gammas = np.asarray(times, np.float64), np.asarray(gammas, np.float64)
+  gram = profile_products(times[:, None], gammas[:, None], times[None, :], gammas[None, :])  # [S, S]
+  rhs = profile_products(times, gammas, t_target, gamma_target)  # [S]
+  weights = np.linalg.lstsq(gram, rhs, rcond=None)[0]
+  return weights / weights.sum()
+
+
+# ---------------------------------------------------------------------------------------------- snapshots
+def _flatten(params) -> dict[str, np.ndarray]:
+  """{'a/b/c': array} of a parameter tree (nnx's 'value' level dropped)."""
+  out = {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+    names = [str(getattr(k, 'key', getattr(k, 'name', getattr(k, 'idx', k)))) for k in path]
+    out['/'.join(n for n in names if n != 'value')] = np.asarray(leaf)
+  return out
+
+
+def _key(sigma_rel: float) -> str:
+  return f'{sigma_rel:.4f}'
+
+
+def snapshot_path(workdir: str, step: int) -> str:
+  return os.path.join(workdir, SNAPSHOT_DIR, f'step_{step:08d}.safetensors')
+
+
+def save_snapshot(workdir: str, step: int, sigma_rels: tuple[float, ...], profiles: tuple) -> str:
+  """Writes the profiles' parameters (host arrays) at `step` atomically; returns the path."""
+  tensors = {f'{_key(s)}/{name}': np.ascontiguousarray(value, np.float32)
+             for s, params in zip(sigma_rels, profiles) for name, value in _flatten(params).items()}
+  path = snapshot_path(workdir, step)
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  meta = {'step': str(step), 'sigma_rels': json.dumps([float(s) for s in sigma_rels])}
+  safetensors_np.save_file(tensors, path + '.tmp', metadata=meta)
+  os.replace(path + '.tmp', path)
+  return path
+
+
+def snapshot_steps(workdir: str) -> list[int]:
+  files = glob.glob(os.path.join(workdir, SNAPSHOT_DIR, 'step_*.safetensors'))
+  return sorted(int(m.group(1)) for f in files if (m := re.search(r'step_(\d+)\.safetensors$', f)))
+
+
+def reconstruct(workdir: str, step: int, sigma_rel: float, params_like):
+  """The post-hoc EMA of relative width sigma_rel at `step` from the snapshots at steps <= step, shaped like
+  params_like (numpy leaves). Needs the snapshot at `step` itself (the trainer writes one with every checkpoint).
+  Returns (params, {'snapshots': S, 'max_abs_weight': ...})."""
+  gamma = sigma_rel_to_gamma(sigma_rel, 'sample.ema_sigma_rel')
+  steps = [s for s in snapshot_steps(workdir) if s <= step]
+  if step not in steps:
+    raise PosthocEMAError(f'post-hoc EMA (sample.ema_sigma_rel={sigma_rel}) needs the EMA snapshot of step {step} '
+                          f'in {os.path.join(workdir, SNAPSHOT_DIR)} (found steps: {steps or "none"}); it is written with '
+                          "every checkpoint of a run with training.ema_profiles, e.g. '(0.05, 0.1)'")
+  times, gammas, sources = [], [], []
+  for s in steps:
+    with safetensors_np.safe_open(snapshot_path(workdir, s), 'np') as f:
+      for rel in json.loads(f.metadata()['sigma_rels']):
+        times.append(float(s))
+        gammas.append(sigma_rel_to_gamma(rel))
+        sources.append((s, _key(rel)))
+  weights = coefficients(times, gammas, float(step), gamma)
+  names = list(_flatten(params_like))
+  total = {name: 0.0 for name in names}
+  for s in steps:
+    with safetensors_np.safe_open(snapshot_path(workdir, s), 'np') as f:
+      for w, (src_step, rel) in zip(weights, sources):
+        if src_step != s:
+          continue
+        for name in names:
+          key = f'{rel}/{name}'
+          if key not in f.keys():
+            raise PosthocEMAError(f'EMA snapshot {snapshot_path(workdir, s)} has no parameter {name}: it was written '
+                                  'by another model configuration')
+          total[name] = total[name] + w * f.get_tensor(key).astype(np.float64)
+  leaves, treedef = jax.tree_util.tree_flatten(params_like)
+  out = []
+  for name, like in zip(names, leaves):
+    value = np.asarray(total[name], np.float32)
+    if value.shape != tuple(like.shape):
+      raise PosthocEMAError(f'EMA snapshot parameter {name} is {value.shape}, the model has {tuple(like.shape)}')
+    out.append(value)
+  return jax.tree_util.tree_unflatten(treedef, out), {'snapshots': len(steps), 'profiles': len(weights),
+                                                       'max_abs_weight': float(np.abs(weights).max())}
