@@ -11,16 +11,18 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
+import jax.experimental.multihost_utils  # noqa: E402
 import numpy as np  # noqa: E402
 
 from configs.mnist import ddpmpp_vp  # noqa: E402
-from train import checkpoint, generate, sharding, step as step_lib, trainer  # noqa: E402
+from train import checkpoint, generate, posthoc_ema, sharding, step as step_lib, trainer  # noqa: E402
 
 B = 16
 
 
-def tiny_config(grad_accum=1):
+def tiny_config(grad_accum=1, ema_profiles=()):
   c = ddpmpp_vp.get_config()
+  c.training.ema_profiles = ema_profiles
   c.model.nf, c.model.ch_mult, c.model.num_res_blocks, c.model.num_groups = 16, (1, 2), 1, 4
   c.model.attn_resolutions = (16,)
   c.optim.warmup_steps = 2
@@ -49,8 +51,9 @@ def jitted_step(config, mesh, state=None, place_grads=True):
   graphdef, fresh, tx, schedule = trainer.init_state(config)
   state = fresh if state is None else state
   shard = sharding.state_shardings(state, mesh, config.parallel.fsdp_min_size)
+  gammas = tuple(posthoc_ema.sigma_rel_to_gamma(s) for s in config.training.ema_profiles)
   settings = step_lib.StepSettings(prediction='eps', loss=trainer.build_loss(config), ema_decay=0.99,
-                                   grad_accum=config.training.grad_accum)
+                                   grad_accum=config.training.grad_accum, ema_profile_gammas=gammas)
   one = step_lib.make_train_step(graphdef, trainer.build_process(config), tx, schedule, settings,
                                  jax.random.key(1), param_sharding=shard.params if place_grads else None)
   fn = jax.jit(step_lib.multi_step(one, 1), in_shardings=(shard, sharding.batch_sharding(mesh, 1)),
@@ -75,7 +78,7 @@ def assert_close(a, b, rtol=1e-5, atol=1e-6):
 
 def check_data_parallel_and_fsdp():
   assert jax.device_count() == 8, jax.devices()
-  config = tiny_config()
+  config = tiny_config(ema_profiles=(0.1,))
   one, l1 = train(config, sharding.make_mesh((1, 1), devices=jax.devices()[:1]))
   dp, l8 = train(config, sharding.make_mesh((8, 1)))
   fsdp, lf = train(config, sharding.make_mesh((2, 4)))
@@ -84,6 +87,12 @@ def check_data_parallel_and_fsdp():
   assert_close(dp.params, one.params)
   assert_close(fsdp.params, one.params)
   assert_close(fsdp.opt_state, one.opt_state)
+  assert_close(fsdp.ema_profiles, one.ema_profiles)
+  # the post-hoc EMA profile is sharded like the parameters, and its snapshot (gathered as the trainer does) is whole
+  for p, e in zip(jax.tree.leaves(fsdp.params), jax.tree.leaves(fsdp.ema_profiles[0]), strict=True):
+    assert p.sharding.spec == e.sharding.spec
+  gathered = jax.experimental.multihost_utils.process_allgather(fsdp.ema_profiles, tiled=True)
+  assert_close(gathered, one.ema_profiles)
   # the largest kernel is really split 4 ways along 'fsdp', and its Adam moments with it
   leaves = jax.tree.leaves(fsdp.params)
   big = max(leaves, key=lambda x: x.size)
