@@ -94,8 +94,8 @@ def main(argv: list[str]) -> None:
       trainer.train(config, FLAGS.workdir)
     elif FLAGS.mode == 'sample':
       info = trainer.sample(config, FLAGS.workdir)
-      print(f'wrote {info["num_samples"]} samples ({info["sampler"]}, {info["nfe"]} NFE) from step {info["step"]}: '
-            f'{info["png"]}')
+      print(f'wrote {info["num_samples"]} samples ({info["sampler"]}, {info["nfe"]} NFE) from step {info["step"]} '
+            f'({info["ema"]}): {info["png"]}')
     elif FLAGS.mode == 'fid_stats':
       info = evaluation.fid_stats(config)
       print(f'reference statistics: {info["stats"]} ({"cached" if info["cached"] else "computed"})')

@@ -87,15 +87,19 @@ class _FixedPrior:
     return self._x_T
 
 
-def test_dpm_solver_pp_2m(ddpm_process):
-  p = ddpm_process
+def _dpm_solver_2m_against(prefix, model_fn, p):
+  """20 trailing steps of DPM-Solver++(2M) from the fixture's noise against diffusers' final sample."""
   ts = base.time_grid(p, 20, 'trailing')
-  np.testing.assert_array_equal(_index(ts), FIXTURE['dpm_t'])
+  np.testing.assert_array_equal(_index(ts), FIXTURE[f'{prefix}_t'])
   settings = dpm_solver.DPMSolverSettings(num_steps=20, order=2, spacing='trailing')
-  x, nfe = dpm_solver.sample(jax.random.key(0), make_model_fn(eps_net, p, 'eps'),
-                             _FixedPrior(p, jnp.asarray(FIXTURE['x_T'])), FIXTURE['x_T'].shape, settings)
+  x, nfe = dpm_solver.sample(jax.random.key(0), model_fn, _FixedPrior(p, jnp.asarray(FIXTURE['x_T'])),
+                             FIXTURE['x_T'].shape, settings)
   assert nfe == 20
-  np.testing.assert_allclose(x, FIXTURE['dpm_traj'][-1], rtol=1e-5, atol=2e-5)
+  np.testing.assert_allclose(x, FIXTURE[f'{prefix}_traj'][-1], rtol=1e-5, atol=2e-5)
+
+
+def test_dpm_solver_pp_2m(ddpm_process):
+  _dpm_solver_2m_against('dpm', make_model_fn(eps_net, ddpm_process, 'eps'), ddpm_process)
 
 
 @pytest.mark.parametrize('variant,order,steps', [('bh2', 2, 10), ('bh1', 3, 10), ('bh2', 3, 8)])
@@ -150,13 +154,7 @@ def sd_zero_snr():
 
 def test_zero_terminal_snr_dpm_solver_v(sd_zero_snr):
   """DPM-Solver++(2M) with a v-network from pure noise; diffusers' solver also keeps alpha_bar_N = 2^-24."""
-  p = sd_zero_snr
-  ts = base.time_grid(p, 20, 'trailing')
-  np.testing.assert_array_equal(_index(ts), FIXTURE['zero_snr_dpm_t'])
-  settings = dpm_solver.DPMSolverSettings(num_steps=20, order=2, spacing='trailing')
-  x, _ = dpm_solver.sample(jax.random.key(0), make_model_fn(v_net, p, 'v'),
-                           _FixedPrior(p, jnp.asarray(FIXTURE['x_T'])), FIXTURE['x_T'].shape, settings)
-  np.testing.assert_allclose(x, FIXTURE['zero_snr_dpm_traj'][-1], rtol=1e-5, atol=2e-5)
+  _dpm_solver_2m_against('zero_snr_dpm', make_model_fn(v_net, sd_zero_snr, 'v'), sd_zero_snr)
 
 
 def test_zero_terminal_snr_ddim_v(sd_zero_snr):

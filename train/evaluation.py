@@ -405,7 +405,8 @@ def describe(row: dict) -> str:
             f"scaled latent std {row['latent_std']:.3f} (scale factor {row['scale_factor']:.4g})"
             + (f', {scores}' if scores else ''))
   scores = ', '.join(f'{k} {row[k]:.4g}' for k in ('fid', 'kid', 'is', 'precision', 'recall', 'bpd') if k in row)
-  return (f"step {row['step']} {row['sampler']} {row['num_steps']} steps ({row['nfe']} NFE), "
+  ema = f", post-hoc EMA sigma_rel {row['ema_sigma_rel']:g}" if 'ema_sigma_rel' in row else ''
+  return (f"step {row['step']} {row['sampler']} {row['num_steps']} steps ({row['nfe']} NFE){ema}, "
           f"{row['num_samples']} samples: {scores}")
 
 

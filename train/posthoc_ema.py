@@ -107,40 +107,33 @@ def snapshot_steps(workdir: str) -> list[int]:
 def reconstruct(workdir: str, step: int, sigma_rel: float, params_like):
   """The post-hoc EMA of relative width sigma_rel at `step` from the snapshots at steps <= step, shaped like
   params_like (numpy leaves). Needs the snapshot at `step` itself (the trainer writes one with every checkpoint).
-  Returns (params, {'snapshots': S, 'max_abs_weight': ...})."""
+  Returns (params, {'snapshots': files used, 'profiles': profiles combined, 'max_abs_weight': ...})."""
   gamma = sigma_rel_to_gamma(sigma_rel, 'sample.ema_sigma_rel')
   steps = [s for s in snapshot_steps(workdir) if s <= step]
   if step not in steps:
     raise PosthocEMAError(f'post-hoc EMA (sample.ema_sigma_rel={sigma_rel}) needs the EMA snapshot of step {step} '
                           f'in {os.path.join(workdir, SNAPSHOT_DIR)} (found steps: {steps or "none"}); it is written with '
                           "every checkpoint of a run with training.ema_profiles, e.g. '(0.05, 0.1)'")
-  times, gammas, sources = [], [], []
+  entries = []  # (snapshot step, tensor-name prefix, gamma) of every profile in every snapshot
   for s in steps:
     with safetensors_np.safe_open(snapshot_path(workdir, s), 'np') as f:
-      for rel in json.loads(f.metadata()['sigma_rels']):
-        times.append(float(s))
-        gammas.append(sigma_rel_to_gamma(rel))
-        sources.append((s, _key(rel)))
-  weights = coefficients(times, gammas, float(step), gamma)
+      entries += [(s, _key(rel), sigma_rel_to_gamma(rel)) for rel in json.loads(f.metadata()['sigma_rels'])]
+  weights = coefficients([e[0] for e in entries], [e[2] for e in entries], float(step), gamma)
+  leaves, treedef = jax.tree_util.tree_flatten(params_like)
   names = list(_flatten(params_like))
-  total = {name: 0.0 for name in names}
+  total = [np.zeros(np.shape(like), np.float64) for like in leaves]
   for s in steps:
     with safetensors_np.safe_open(snapshot_path(workdir, s), 'np') as f:
-      for w, (src_step, rel) in zip(weights, sources):
-        if src_step != s:
-          continue
-        for name in names:
-          key = f'{rel}/{name}'
+      for w, (_, prefix, _) in ((w, e) for w, e in zip(weights, entries) if e[0] == s):
+        for i, name in enumerate(names):
+          key = f'{prefix}/{name}'
           if key not in f.keys():
             raise PosthocEMAError(f'EMA snapshot {snapshot_path(workdir, s)} has no parameter {name}: it was written '
                                   'by another model configuration')
-          total[name] = total[name] + w * f.get_tensor(key).astype(np.float64)
-  leaves, treedef = jax.tree_util.tree_flatten(params_like)
-  out = []
-  for name, like in zip(names, leaves):
-    value = np.asarray(total[name], np.float32)
-    if value.shape != tuple(like.shape):
-      raise PosthocEMAError(f'EMA snapshot parameter {name} is {value.shape}, the model has {tuple(like.shape)}')
-    out.append(value)
-  return jax.tree_util.tree_unflatten(treedef, out), {'snapshots': len(steps), 'profiles': len(weights),
-                                                       'max_abs_weight': float(np.abs(weights).max())}
+          value = f.get_tensor(key)
+          if value.shape != total[i].shape:
+            raise PosthocEMAError(f'EMA snapshot {snapshot_path(workdir, s)} has {name} of shape {value.shape}, the '
+                                  f'model {total[i].shape}')
+          total[i] += w * value
+  params = jax.tree_util.tree_unflatten(treedef, [t.astype(np.float32) for t in total])
+  return params, {'snapshots': len(steps), 'profiles': len(entries), 'max_abs_weight': float(np.abs(weights).max())}

@@ -507,7 +507,8 @@ def sample(config: ml_collections.ConfigDict, workdir: str) -> dict:
   npz = os.path.join(workdir, 'samples', f'{name}.npz')
   np.savez_compressed(npz, images=imgs, labels=labels)
   info = {'png': png, 'npz': npz, 'step': step, 'sampler': s.sampler, 'nfe': nfe, 'num_samples': len(imgs),
-          'seconds': round(seconds, 2), **({'prompt': s.prompt} if s.prompt else {})}
+          'seconds': round(seconds, 2), **({'prompt': s.prompt} if s.prompt else {}),
+          'ema': f'post-hoc EMA sigma_rel {s.ema_sigma_rel:g}' if s.ema_sigma_rel else "the checkpoint's EMA"}
   with open(os.path.join(workdir, 'samples', f'{name}.json'), 'w') as f:
     json.dump(info, f, indent=2)
   return info
