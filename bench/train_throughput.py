@@ -36,8 +36,8 @@ import numpy as np  # noqa: E402
 
 from bench import profile_ops  # noqa: E402
 from configs.cifar10 import ddpm  # noqa: E402
+from train import posthoc_ema, trainer  # noqa: E402
 from train import step as step_lib  # noqa: E402
-from train import trainer  # noqa: E402
 
 PEAK_FLOPS = 989e12
 
@@ -47,9 +47,18 @@ def emit(**kw):
 
 
 def overrides(variant: str) -> dict:
-  """'model.dropout=0.0,model.attention=cudnn' -> {'model.dropout': 0.0, 'model.attention': 'cudnn'}."""
+  """'model.dropout=0.0,model.attention=cudnn' -> {'model.dropout': 0.0, 'model.attention': 'cudnn'}; commas
+  inside brackets belong to the value ('training.ema_profiles=(0.05,0.1)')."""
   out = {}
-  for item in filter(None, variant.split(',')) if variant != 'base' else ():
+  items, depth, current = [], 0, ''
+  for ch in variant if variant != 'base' else '':
+    depth += (ch in '([') - (ch in ')]')
+    if ch == ',' and depth == 0:
+      items.append(current)
+      current = ''
+    else:
+      current += ch
+  for item in filter(None, items + [current]):
     key, _, value = item.partition('=')
     try:
       out[key] = ast.literal_eval(value)
@@ -70,8 +79,9 @@ def build_step(dtype: str, batch: int, steps_per_call: int, image_size: int = 32
     config[section][name] = value
   graphdef, state, tx, schedule = trainer.init_state(config)
   process = trainer.build_process(config)
+  gammas = tuple(posthoc_ema.sigma_rel_to_gamma(s) for s in config.training.ema_profiles)
   settings = step_lib.StepSettings(prediction='eps', loss=trainer.build_loss(config), ema_decay=0.9999,
-                                   random_flip=True)
+                                   ema_profile_gammas=gammas, random_flip=True)
   one = step_lib.make_train_step(graphdef, process, tx, schedule, settings, jax.random.key(0))
   fn = jax.jit(step_lib.multi_step(one, steps_per_call), donate_argnums=0)
   rng = np.random.default_rng(0)

@@ -52,6 +52,8 @@ def test_parse_hlo_and_kinds():
 def test_variant_overrides():
   assert overrides('base') == {}
   assert overrides('model.dropout=0.0,model.attention=cudnn') == {'model.dropout': 0.0, 'model.attention': 'cudnn'}
+  assert overrides('training.ema_profiles=(0.05,0.1),model.dropout=0.0') == {'training.ema_profiles': (0.05, 0.1),
+                                                                              'model.dropout': 0.0}
 
 
 def test_benchmark_networks_have_the_peers_parameter_counts():
