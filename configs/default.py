@@ -136,7 +136,7 @@ def get_config() -> config_dict.ConfigDict:
   c.training.num_steps = 1_300_000
   c.training.steps_per_call = 1  # optimizer steps fused into one jitted call (lax.scan)
   c.training.grad_accum = 1  # micro-batches per optimizer step (same gradient, 1/grad_accum the activations)
-  c.training.ema_decay = 0.9999
+  c.training.ema_decay = 0.9999  # constant-decay EMA, bias-corrected: no weight on the initialization (train/step.py)
   # post-hoc EMA (Karras et al. 2024; train/posthoc_ema.py): power-function EMAs of these relative widths are tracked
   # and saved to <workdir>/ema_profiles/ every ema_profile_every steps and with every checkpoint; sampling and
   # eval then choose any EMA width with sample.ema_sigma_rel. EDM2 tracks (0.05, 0.1); () tracks none.

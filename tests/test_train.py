@@ -71,6 +71,26 @@ def test_grouped_global_norm_and_clipping_equal_optax():
     assert clip.update(mixed, state)[0]['f'].dtype == jnp.bfloat16
 
 
+def test_ema_weights_are_bias_corrected():
+  """Run over 60 steps, the recursion's (decay, weight) pairs give each step's parameters the closed-form weight
+  (1 - d) d^(t - tau) / (1 - d^t) (d = 1: the mean) and the initialization none; at a million steps the float32
+  weight is the plain EMA's 1 - d."""
+  steps = 60
+  for d in (0.0, 0.9, 0.998, 0.9999, 1.0):
+    weights = np.zeros(steps + 1)  # [initialization, step 1, ..., step T]
+    weights[0] = 1.0
+    for t in range(1, steps + 1):
+      decay, weight = (float(v) for v in step_lib.ema_weights(jnp.float32(t), d))
+      weights *= decay
+      weights[t] += weight
+    tau = np.arange(1, steps + 1)
+    want = np.full(steps, 1 / steps) if d == 1.0 else (1 - d) * d ** (steps - tau) / (1 - d ** steps)
+    assert weights[0] == 0.0, d
+    np.testing.assert_allclose(weights[1:], want, rtol=2e-5, atol=1e-9, err_msg=str(d))
+  decay, weight = step_lib.ema_weights(jnp.float32(1e6), 0.9999)
+  np.testing.assert_allclose([float(decay), float(weight)], [0.9999, 1e-4], rtol=1e-6)
+
+
 def test_tiny_unet_overfits_one_batch():
   """Loss on one fixed batch, averaged over fixed noise draws, falls 10x within 200 steps."""
   config = tiny_config(ema_decay=0.0)
@@ -97,27 +117,32 @@ def test_tiny_unet_overfits_one_batch():
 
 
 def test_fused_steps_and_ema_equal_single_steps():
-  """Also the post-hoc EMA profile: the power-function recursion, decay (1 - 1/t)^(gamma + 1) at step t."""
+  """Also the EMAs: the constant-decay one is the bias-corrected average of the steps' parameters, weights
+  (1 - d) d^(t - tau) / (1 - d^t), none on the initialization; the post-hoc EMA profile is the power-function
+  recursion, decay (1 - 1/t)^(gamma + 1) at step t."""
   config = tiny_config(ema_decay=0.9, ema_profiles=(0.1,))
   _, state, one, _ = build_step(config)
   images = digits(24).reshape(3, 8, 16, 16, 1)
   batches = {'image': jnp.asarray(images), 'label': jnp.zeros((3, 8), jnp.int32)}
   fused, fused_metrics = jax.jit(step_lib.multi_step(one, 3))(state, batches)
   single = jax.jit(step_lib.multi_step(one, 1))
-  s, losses_ = state, []
-  ema, profile, gamma = state.ema_params, state.ema_profiles[0], 6.937203937601809  # sigma_rel 0.1 (Karras et al.)
+  s, losses_, trajectory = state, [], []
+  profile, gamma = state.ema_profiles[0], 6.937203937601809  # sigma_rel 0.1 (Karras et al.)
   for i in range(3):
     s, m = single(s, jax.tree.map(lambda b: b[i:i + 1], batches))
     losses_.append(float(m['loss'][0]))
-    ema = jax.tree.map(lambda e, p: 0.9 * e + 0.1 * p, ema, s.params)  # the EMA recursions, by hand
-    decay = (1 - 1 / (i + 1)) ** (gamma + 1)
+    trajectory.append(s.params)
+    decay = (1 - 1 / (i + 1)) ** (gamma + 1)  # the profile's recursion, by hand
     profile = jax.tree.map(lambda e, p: decay * e + (1 - decay) * p, profile, s.params)
   assert int(fused.step) == int(s.step) == 3
   np.testing.assert_allclose(fused_metrics['loss'], losses_, rtol=1e-5)
   for a, b in zip(jax.tree.leaves(fused.params), jax.tree.leaves(s.params)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
-  for a, b in zip(jax.tree.leaves(s.ema_params), jax.tree.leaves(ema)):
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+  weights = [0.1 * 0.9 ** (3 - tau) / (1 - 0.9 ** 3) for tau in (1, 2, 3)]  # the EMA in closed form
+  ema = jax.tree.map(lambda *p: sum(w * x for w, x in zip(weights, p)), *trajectory)
+  for a, b, c in zip(jax.tree.leaves(s.ema_params), jax.tree.leaves(fused.ema_params), jax.tree.leaves(ema)):
+    np.testing.assert_allclose(a, c, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(b, c, rtol=1e-4, atol=1e-6)
   for a, b, c in zip(jax.tree.leaves(s.ema_profiles[0]), jax.tree.leaves(fused.ema_profiles[0]),
                      jax.tree.leaves(profile)):
     np.testing.assert_allclose(a, c, rtol=1e-5, atol=1e-7)

@@ -26,7 +26,7 @@ def get_config():
   c.training.label_dropout = 0.1
   c.sample.guidance_scale = 2.0  # classifier-free guidance; the grid has one column per digit
   # EMA of about 100 steps (sigma_rel 0.05 of the 2,000): post-hoc EMA on this model gave FID 58 at sigma_rel
-  # 0.05 against 82.6 with ddpmpp_vp's 0.998, whose average still holds 1.8 % of the random initialization
-  # after 2,000 steps (bench/RESULTS.md)
+  # 0.05 against 82.6 with ddpmpp_vp's 0.998, whose average then still held 1.8 % of the random initialization
+  # (the EMA was not yet bias-corrected; bench/RESULTS.md)
   c.training.ema_decay = 0.99
   return c
