@@ -79,7 +79,7 @@ def build_step(dtype: str, batch: int, steps_per_call: int, image_size: int = 32
     config[section][name] = value
   graphdef, state, tx, schedule = trainer.init_state(config)
   process = trainer.build_process(config)
-  gammas = tuple(posthoc_ema.sigma_rel_to_gamma(s) for s in config.training.ema_profiles)
+  gammas = posthoc_ema.profile_gammas(config.training.ema_profiles)
   settings = step_lib.StepSettings(prediction='eps', loss=trainer.build_loss(config), ema_decay=0.9999,
                                    ema_profile_gammas=gammas, random_flip=True)
   one = step_lib.make_train_step(graphdef, process, tx, schedule, settings, jax.random.key(0))

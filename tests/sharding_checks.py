@@ -51,7 +51,7 @@ def jitted_step(config, mesh, state=None, place_grads=True):
   graphdef, fresh, tx, schedule = trainer.init_state(config)
   state = fresh if state is None else state
   shard = sharding.state_shardings(state, mesh, config.parallel.fsdp_min_size)
-  gammas = tuple(posthoc_ema.sigma_rel_to_gamma(s) for s in config.training.ema_profiles)
+  gammas = posthoc_ema.profile_gammas(config.training.ema_profiles)
   settings = step_lib.StepSettings(prediction='eps', loss=trainer.build_loss(config), ema_decay=0.99,
                                    grad_accum=config.training.grad_accum, ema_profile_gammas=gammas)
   one = step_lib.make_train_step(graphdef, trainer.build_process(config), tx, schedule, settings,

@@ -40,7 +40,7 @@ def digits(n):
 def build_step(config):
   graphdef, state, tx, schedule = trainer.init_state(config)
   process = trainer.build_process(config)
-  gammas = tuple(posthoc_ema.sigma_rel_to_gamma(s) for s in config.training.ema_profiles)
+  gammas = posthoc_ema.profile_gammas(config.training.ema_profiles)
   settings = step_lib.StepSettings(prediction=config.model.prediction, loss=trainer.build_loss(config),
                                    ema_decay=config.training.ema_decay, ema_profile_gammas=gammas)
   one = step_lib.make_train_step(graphdef, process, tx, schedule, settings, jax.random.key(0))

@@ -10,18 +10,21 @@ import os
 import jax
 import orbax.checkpoint as ocp
 
+from train.state import named_leaves
+
 
 class CheckpointError(RuntimeError):
   """A checkpoint that cannot be restored: corrupt, or incompatible with the current config."""
 
 
 def _shapes(tree) -> dict[tuple[str, ...], tuple[int, ...]]:
-  """{parameter path: shape} of a parameter tree or its orbax metadata (paths without nnx's 'value' level)."""
-  out = {}
-  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-    names = tuple(str(getattr(k, 'key', getattr(k, 'name', getattr(k, 'idx', k)))) for k in path)
-    out[tuple(n for n in names if n != 'value')] = tuple(leaf.shape)
-  return out
+  """{parameter path: shape} of a parameter tree or its orbax metadata."""
+  return {path: tuple(leaf.shape) for path, leaf in named_leaves(tree)}
+
+
+def _profile_count(meta) -> int:
+  """How many post-hoc EMA profiles a checkpoint's metadata holds (0 for checkpoints from before the field)."""
+  return len(meta['ema_profiles']) if 'ema_profiles' in meta else 0
 
 
 class Checkpointer:
@@ -101,7 +104,7 @@ class Checkpointer:
     """How many post-hoc EMA profiles the checkpoint at `step` holds (0 where its metadata cannot be read)."""
     meta = self._metadata(step)
     try:
-      return len(meta['ema_profiles']) if meta is not None and 'ema_profiles' in meta else 0
+      return _profile_count(meta) if meta is not None else 0
     except Exception:  # noqa: BLE001
       return 0
 
@@ -110,7 +113,7 @@ class Checkpointer:
     if meta is None or not hasattr(state_like, 'ema_profiles'):
       return
     try:
-      saved = len(meta['ema_profiles']) if 'ema_profiles' in meta else 0
+      saved = _profile_count(meta)
     except Exception:  # noqa: BLE001
       return
     if saved != len(state_like.ema_profiles):

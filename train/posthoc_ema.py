@@ -27,6 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 from safetensors import numpy as safetensors_np
 
+from train.state import named_leaves
+
 SNAPSHOT_DIR = 'ema_profiles'
 MAX_SIGMA_REL = float(np.sqrt(1 / 12))  # gamma -> 0: the uniform average of all steps
 
@@ -42,6 +44,11 @@ def sigma_rel_to_gamma(sigma_rel: float, name: str = 'sigma_rel') -> float:
   s2 = 1.0 / sigma_rel ** 2  # (gamma + 2)^2 (gamma + 3) = s2 (gamma + 1), a cubic in gamma
   roots = np.roots([1.0, 7.0, 16.0 - s2, 12.0 - s2])
   return float(max(r.real for r in roots if abs(r.imag) < 1e-9))
+
+
+def profile_gammas(sigma_rels) -> tuple[float, ...]:
+  """The exponents of training.ema_profiles' widths (one clear error for a width out of range)."""
+  return tuple(sigma_rel_to_gamma(s, 'training.ema_profiles') for s in sigma_rels)
 
 
 def decay(step, gamma: float):
@@ -74,12 +81,8 @@ def coefficients(times, gammas, t_target: float, gamma_target: float) -> np.ndar
 
 # ---------------------------------------------------------------------------------------------- snapshots
 def _flatten(params) -> dict[str, np.ndarray]:
-  """{'a/b/c': array} of a parameter tree (nnx's 'value' level dropped)."""
-  out = {}
-  for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-    names = [str(getattr(k, 'key', getattr(k, 'name', getattr(k, 'idx', k)))) for k in path]
-    out['/'.join(n for n in names if n != 'value')] = np.asarray(leaf)
-  return out
+  """{'a/b/c': array} of a parameter tree (host arrays)."""
+  return {'/'.join(path): np.asarray(leaf) for path, leaf in named_leaves(params)}
 
 
 def _key(sigma_rel: float) -> str:
@@ -109,7 +112,7 @@ def snapshot_steps(workdir: str) -> list[int]:
 
 def reconstruct(workdir: str, step: int, sigma_rel: float, params_like):
   """The post-hoc EMA of relative width sigma_rel at `step` from the snapshots at steps <= step, shaped like
-  params_like (numpy leaves). Needs the snapshot at `step` itself (the trainer writes one with every checkpoint).
+  params_like (any arrays; only their shapes are read), as numpy leaves. Needs the snapshot at `step` itself (the trainer writes one with every checkpoint).
   Returns (params, {'snapshots': files used, 'profiles': profiles combined, 'max_abs_weight': ...})."""
   gamma = sigma_rel_to_gamma(sigma_rel, 'sample.ema_sigma_rel')
   steps = [s for s in snapshot_steps(workdir) if s <= step]
@@ -122,9 +125,9 @@ def reconstruct(workdir: str, step: int, sigma_rel: float, params_like):
     with safetensors_np.safe_open(snapshot_path(workdir, s), 'np') as f:
       entries += [(s, _key(rel), sigma_rel_to_gamma(rel)) for rel in json.loads(f.metadata()['sigma_rels'])]
   weights = coefficients([e[0] for e in entries], [e[2] for e in entries], float(step), gamma)
-  leaves, treedef = jax.tree_util.tree_flatten(params_like)
-  names = list(_flatten(params_like))
-  total = [np.zeros(np.shape(like), np.float64) for like in leaves]
+  names_leaves = named_leaves(params_like)  # the same order as tree_flatten's
+  names = ['/'.join(path) for path, _ in names_leaves]
+  total = [np.zeros(np.shape(like), np.float64) for _, like in names_leaves]
   for s in steps:
     with safetensors_np.safe_open(snapshot_path(workdir, s), 'np') as f:
       for w, (_, prefix, _) in ((w, e) for w, e in zip(weights, entries) if e[0] == s):
@@ -138,5 +141,5 @@ def reconstruct(workdir: str, step: int, sigma_rel: float, params_like):
             raise PosthocEMAError(f'EMA snapshot {snapshot_path(workdir, s)} has {name} of shape {value.shape}, the '
                                   f'model {total[i].shape}')
           total[i] += w * value
-  params = jax.tree_util.tree_unflatten(treedef, [t.astype(np.float32) for t in total])
+  params = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(params_like), [t.astype(np.float32) for t in total])
   return params, {'snapshots': len(steps), 'profiles': len(entries), 'max_abs_weight': float(np.abs(weights).max())}

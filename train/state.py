@@ -6,6 +6,16 @@ import optax
 from flax import nnx, struct
 
 
+def named_leaves(tree) -> list[tuple[tuple[str, ...], jax.Array]]:
+  """(path, leaf) of every leaf of a parameter tree (or its orbax metadata), paths as names without nnx's 'value'
+  level: the one naming that checkpoint checks and EMA snapshots share."""
+  out = []
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    names = (str(getattr(k, 'key', getattr(k, 'name', getattr(k, 'idx', k)))) for k in path)
+    out.append((tuple(n for n in names if n != 'value'), leaf))
+  return out
+
+
 @struct.dataclass
 class TrainState:
   step: jax.Array  # int32 [], optimizer steps taken

@@ -194,7 +194,7 @@ def restore_state(config: ml_collections.ConfigDict, workdir: str, ckpt: checkpo
   sigma_rel = config.sample.ema_sigma_rel
   if sigma_rel is None:
     return state
-  params, _ = posthoc_ema.reconstruct(workdir, int(state.step), sigma_rel, jax.device_get(state.ema_params))
+  params, _ = posthoc_ema.reconstruct(workdir, int(state.step), sigma_rel, state.ema_params)
   shardings = jax.tree.map(lambda a: a.sharding, state.ema_params)
   return state.replace(ema_params=jax.device_put(params, shardings))
 
@@ -314,7 +314,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
 
   if t.ema_profiles and is_autoencoder(config):
     raise ValueError('training.ema_profiles (post-hoc EMA) is for diffusion models, not autoencoders (model.name=vae)')
-  profile_gammas = tuple(posthoc_ema.sigma_rel_to_gamma(s, 'training.ema_profiles') for s in t.ema_profiles)
+  profile_gammas = posthoc_ema.profile_gammas(t.ema_profiles)
   graphdef, state, tx, schedule = init_state(config, codec, text)
   # The state lives on the mesh before a restore, so a checkpoint written on any other mesh is resharded
   # onto this one.
