@@ -30,7 +30,7 @@ def get_config() -> config_dict.ConfigDict:
 
   # ---------------------------------------------------------------- forward process
   c.process = config_dict.ConfigDict()
-  c.process.name = 'vp'  # vp | subvp | ve | ddpm | edm
+  c.process.name = 'vp'  # vp | subvp | ve | ddpm | edm | flow (rectified flow: alpha = 1 - t, sigma = t)
   c.process.schedule = 'linear'  # vp / subvp: linear; ddpm: linear | cosine | scaled_linear
   c.process.beta_min = 0.1  # beta(t) at t=0 (ddpm: beta_1 = beta_min / N)
   c.process.beta_max = 20.0  # beta(t) at t=1 (ddpm: beta_N = beta_max / N)
@@ -45,7 +45,7 @@ def get_config() -> config_dict.ConfigDict:
   # ---------------------------------------------------------------- model
   c.model = config_dict.ConfigDict()
   c.model.name = 'ddpmpp'  # ddpmpp: the DDPM++ / NCSN++ U-Net (models/unet.py); vae: a KL autoencoder (models/vae.py)
-  c.model.prediction = 'eps'  # what the network outputs: eps | x0 | v | score | edm (preconditioned)
+  c.model.prediction = 'eps'  # what the network outputs: eps | x0 | v | score | edm (preconditioned) | flow (dx_t/dt)
   c.model.sigma_data = 0.5  # EDM preconditioning and loss weighting
   c.model.nf = 128
   c.model.ch_mult = (1, 2, 2, 2)
@@ -142,11 +142,12 @@ def get_config() -> config_dict.ConfigDict:
   # eval then choose any EMA width with sample.ema_sigma_rel. EDM2 tracks (0.05, 0.1); () tracks none.
   c.training.ema_profiles = ()
   c.training.ema_profile_every = 10_000
-  c.training.loss_weighting = 'eps'  # eps (DDPM simple / uniform DSM) | likelihood | x0 | v | edm | min_snr
+  c.training.loss_weighting = 'eps'  # eps (DDPM simple / uniform DSM) | likelihood | x0 | v | edm | min_snr | flow
   c.training.min_snr_gamma = 5.0  # min_snr: x0-space weight min(SNR, gamma) (Hang et al. 2023)
   c.training.time_sampling = 'uniform'  # uniform on [t_eps, T] | discrete (ddpm indices) | lognormal (EDM)
-  c.training.P_mean = -1.2  # lognormal time sampling: log(sigma / alpha) ~ N(P_mean, P_std^2)
+  c.training.P_mean = -1.2  # lognormal time sampling: log(sigma / alpha) ~ N(P_mean, P_std^2) (flow: logit-normal t)
   c.training.P_std = 1.2
+  c.training.time_shift = 1.0  # uniform / lognormal: sigma / alpha of every drawn time times this (SD3's shift)
   c.training.reduce = 'mean'  # mean | sum over pixels
   c.training.label_dropout = 0.0  # p_uncond: probability of the null label / empty caption (for CFG)
   c.training.log_every = 100
@@ -177,6 +178,7 @@ def get_config() -> config_dict.ConfigDict:
   c.sample.s_noise = 1.0
   c.sample.spacing = 'linspace'  # linspace | logsnr | karras (any process); leading | trailing (ddpm)
   c.sample.rho = 7.0  # karras spacing exponent
+  c.sample.time_shift = 1.0  # sigma / alpha of every grid time but T times this (SD3's timestep shift; 1: none)
   c.sample.timesteps = ()  # an explicit decreasing time grid (e.g. tuned: samplers/step_schedule.py); () uses
   #                           num_steps points of `spacing`, a grid sets num_steps to its length
   c.sample.t_end = placeholder(float)  # last time before the final denoising; None: the process's default

@@ -3,7 +3,10 @@
 All conversions follow from x_t = alpha x0 + sigma eps:
   x0 = (x - sigma eps) / alpha,    eps = (x - alpha x0) / sigma,    score = -eps / sigma,
   v  = alpha eps - sigma x0   =>   x0 = (alpha x - sigma v) / (alpha^2 + sigma^2),
-                                   eps = (sigma x + alpha v) / (alpha^2 + sigma^2).
+                                   eps = (sigma x + alpha v) / (alpha^2 + sigma^2),
+  u  = alpha' x0 + sigma' eps  (the velocity dx_t / dt; on the flow process u = eps - x0)
+                               =>  x0 = (sigma' x - sigma u) / D,  eps = (alpha u - alpha' x) / D,
+                                   D = alpha sigma' - alpha' sigma  (> 0: log-SNR decreases).
 'edm' is the preconditioned denoiser of Karras et al. (2022) on the scaled variable x / alpha with noise
 level s = sigma / alpha, so it works on every process:
   D(x; s) = c_skip(s) x/alpha + c_out(s) F(c_in(s) x/alpha, c_noise).
@@ -20,7 +23,7 @@ import jax.numpy as jnp
 from diffusion.processes import Process, bcast
 
 Array = jax.Array
-PREDICTIONS = ('eps', 'x0', 'v', 'score', 'edm')
+PREDICTIONS = ('eps', 'x0', 'v', 'score', 'edm', 'flow')
 NetFn = Callable[[Array, Array, Any], Array]  # (x_in [B, ...], noise_cond [B], cond) -> output [B, ...]
 ModelFn = Callable[[Array, Array, Any], tuple[Array, Array]]  # (x, t, cond) -> (x0, eps)
 
@@ -50,8 +53,18 @@ def v_to_x0_eps(v, x, alpha, sigma):
   return (alpha * x - sigma * v) / norm, (sigma * x + alpha * v) / norm
 
 
+def x0_eps_to_flow(x0, eps, d_alpha, d_sigma):
+  return d_alpha * x0 + d_sigma * eps
+
+
+def flow_to_x0_eps(u, x, alpha, sigma, d_alpha, d_sigma):
+  det = alpha * d_sigma - d_alpha * sigma
+  return (d_sigma * x - sigma * u) / det, (alpha * u - d_alpha * x) / det
+
+
 def to_x0_eps(prediction: str, out: Array, x: Array, alpha: Array, sigma: Array) -> tuple[Array, Array]:
-  """(x0, eps) from a network output of kind eps | x0 | v | score; alpha and sigma broadcast to x."""
+  """(x0, eps) from a network output of kind eps | x0 | v | score; alpha and sigma broadcast to x ('flow' also
+  needs the time derivatives: flow_to_x0_eps)."""
   if prediction == 'eps':
     return eps_to_x0(out, x, alpha, sigma), out
   if prediction == 'x0':
@@ -97,6 +110,8 @@ def make_model_fn(net_fn: NetFn, process: Process, prediction: str, sigma_data: 
       x0 = c.c_skip * x / alpha + c.c_out * out
       return x0, x0_to_eps(x0, x, alpha, sigma)
     out = net_fn(x, c_noise, cond).astype(jnp.float32)
+    if prediction == 'flow':
+      return flow_to_x0_eps(out, x, alpha, sigma, bcast(process.d_alpha(t), x), bcast(process.d_sigma(t), x))
     return to_x0_eps(prediction, out, x, alpha, sigma)
 
   return model_fn

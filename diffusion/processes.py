@@ -66,6 +66,26 @@ class Process(abc.ABC):
     """The scalar the network's noise embedding sees at time t."""
 
   # ---- shared, derived from the above
+  def d_alpha(self, t: Array) -> Array:
+    """d alpha / dt, by forward-mode autodiff of alpha (exact where f * alpha would be inf * 0)."""
+    t = jnp.asarray(t, jnp.float32)
+    return jax.jvp(self.alpha, (t,), (jnp.ones_like(t),))[1]
+
+  def d_sigma(self, t: Array) -> Array:
+    """d sigma / dt, by forward-mode autodiff of sigma."""
+    t = jnp.asarray(t, jnp.float32)
+    return jax.jvp(self.sigma, (t,), (jnp.ones_like(t),))[1]
+
+  def shift_time(self, t: Array, shift: float) -> Array:
+    """The time whose noise-to-signal ratio sigma / alpha is `shift` times that at t, i.e. log-SNR lowered by
+    2 log(shift), clipped to T. On the flow process this is t' = shift t / (1 + (shift - 1) t), the timestep
+    shift of Esser et al. (2024); on VP it is the shifted schedule of Hoogeboom et al. (2023)."""
+    if shift <= 0:
+      raise ValueError(f'time_shift={shift} must be positive')
+    if shift == 1:
+      return jnp.asarray(t, jnp.float32)
+    return jnp.minimum(self.t_from_log_snr(self.log_snr(t) - 2 * math.log(shift)), self.T)
+
   def marginal(self, x0: Array, t: Array) -> tuple[Array, Array]:
     """Mean and std of x_t given x_0: (alpha x_0 [B, ...], sigma [B, 1, ...])."""
     return bcast(self.alpha(t), x0) * x0, bcast(self.sigma(t), x0)
@@ -254,6 +274,43 @@ class EDMProcess(Process):
     return 0.25 * jnp.log(t)  # c_noise of the EDM paper
 
 
+@dataclasses.dataclass(frozen=True)
+class FlowProcess(Process):
+  """Rectified flow / flow matching's linear path (Liu et al. 2023; Lipman et al. 2023; Esser et al. 2024):
+  alpha = 1 - t, sigma = t, so x_t moves on a straight line from the data to the noise with velocity
+  dx_t / dt = eps - x_0 (model.prediction='flow'). alpha(1) = 0 would put log-SNR, f and g^2 at infinity, so the
+  process ends at T = 1 - 2^-12 (alpha(T) = 2^-12, the finite terminal of zero-terminal-SNR DDPM): x_T holds
+  2.4e-4 of the image, and an x0-, v-, flow- or EDM-predicting network samples from N(0, I) there."""
+  T: float = 1.0 - 2.0 ** -12
+  num_timesteps: int | None = None
+  noise_cond_scale: float = 999.0  # conditioned on (N - 1) t, as VP (Stable Diffusion 3 uses 1000 t)
+  t_eps: float = 1e-5
+  sample_t_end: float = 1e-3
+
+  def alpha(self, t):
+    return 1.0 - jnp.asarray(t, jnp.float32)
+
+  def sigma(self, t):
+    return jnp.asarray(t, jnp.float32)
+
+  def log_snr(self, t):
+    t = jnp.asarray(t, jnp.float32)
+    return 2 * (jnp.log1p(-t) - jnp.log(t))
+
+  def t_from_log_snr(self, lam):
+    return jax.nn.sigmoid(-0.5 * jnp.asarray(lam, jnp.float32))
+
+  def f(self, t):
+    return -1.0 / (1.0 - jnp.asarray(t, jnp.float32))
+
+  def g2(self, t):
+    t = jnp.asarray(t, jnp.float32)
+    return 2 * t / (1.0 - t)
+
+  def noise_cond(self, t):
+    return self.noise_cond_scale * jnp.asarray(t, jnp.float32)
+
+
 def _interp_compare_all(x: Array, xp: np.ndarray, fp: np.ndarray) -> Array:
   """jnp.interp(x, xp, fp) for increasing xp, locating x by comparing with every node (no while loop; see
   DiscreteDDPM.log_alpha)."""
@@ -336,7 +393,7 @@ class DiscreteDDPM(Process):
     return (jnp.asarray(index, jnp.float32) + 1) / self.num_timesteps
 
 
-PROCESSES = ('vp', 'subvp', 've', 'ddpm', 'edm')
+PROCESSES = ('vp', 'subvp', 've', 'ddpm', 'edm', 'flow')
 
 
 def get_process(name: str, *, schedule: str = 'linear', beta_min: float = 0.1, beta_max: float = 20.0,
@@ -352,7 +409,7 @@ def get_process(name: str, *, schedule: str = 'linear', beta_min: float = 0.1, b
   if name in ('ve', 'edm') and not 0 < sigma_min < sigma_max:
     raise ValueError(f'process {name!r} needs 0 < sigma_min < sigma_max, got sigma_min={sigma_min}, '
                      f'sigma_max={sigma_max}')
-  if name in ('vp', 'subvp', 've') and not 0 < t_eps < 1:
+  if name in ('vp', 'subvp', 've', 'flow') and not 0 < t_eps < 1:
     raise ValueError(f'process.t_eps={t_eps} must be in (0, 1)')
   if name in ('vp', 'subvp'):
     if schedule != 'linear':
@@ -362,6 +419,8 @@ def get_process(name: str, *, schedule: str = 'linear', beta_min: float = 0.1, b
     return cls(beta_min=beta_min, beta_max=beta_max, noise_cond_scale=float(num_timesteps - 1), t_eps=t_eps)
   if name == 've':
     return VESDE(sigma_min=sigma_min, sigma_max=sigma_max, t_eps=t_eps)
+  if name == 'flow':
+    return FlowProcess(noise_cond_scale=float(num_timesteps - 1), t_eps=t_eps)
   if name == 'edm':
     return EDMProcess(sigma_min=sigma_min, sigma_max=sigma_max)
   if name == 'ddpm':

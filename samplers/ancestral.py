@@ -26,6 +26,7 @@ class AncestralSettings:
   t_end: float | None = None
   timesteps: tuple[float, ...] | None = None  # an explicit decreasing grid (overrides num_steps / spacing)
   rho: float = 7.0  # karras spacing
+  time_shift: float = 1.0  # sigma / alpha of every grid time times this (Process.shift_time)
   denoise: bool = True
   clip_range: tuple[float, float] | None = None
 

@@ -38,12 +38,28 @@ def time_grid(process: Process, num_steps: int, spacing: str = 'linspace', t_end
 
 def settings_grid(process: Process, settings: Any, spacing: str | None = None) -> Array:
   """The time grid a sampler's settings ask for: their explicit `timesteps` when given (e.g. a grid tuned by
-  samplers/step_schedule.py), otherwise `num_steps` points of `spacing` (default settings.spacing)."""
+  samplers/step_schedule.py), otherwise `num_steps` points of `spacing` (default settings.spacing) moved by
+  settings.time_shift (shift_grid)."""
   timesteps = getattr(settings, 'timesteps', None)
   if timesteps is not None and len(timesteps):
     return explicit_grid(process, timesteps, settings.num_steps)
-  return time_grid(process, settings.num_steps, spacing or settings.spacing, settings.t_end,
-                   getattr(settings, 'rho', 7.0))
+  ts = time_grid(process, settings.num_steps, spacing or settings.spacing, settings.t_end,
+                 getattr(settings, 'rho', 7.0))
+  return shift_grid(process, ts, getattr(settings, 'time_shift', 1.0))
+
+
+def shift_grid(process: Process, ts: Array, shift: float) -> Array:
+  """A grid [K] from T with every later time moved to `shift` times its noise-to-signal ratio sigma / alpha
+  (Process.shift_time; shift > 1 spends more steps at high noise, as Stable Diffusion 3 at high resolution).
+  The first time stays T, where the prior is drawn."""
+  if shift == 1:
+    return ts
+  with jax.ensure_compile_time_eval():
+    out = np.asarray(jnp.concatenate([ts[:1], process.shift_time(ts[1:], shift)]), np.float64)
+  if not np.all(np.diff(out) < 0):
+    raise ValueError(f'time_shift={shift} maps several times of the {out.size}-point grid onto T; use fewer steps '
+                     'or a smaller shift')
+  return jnp.asarray(out, jnp.float32)
 
 
 def explicit_grid(process: Process, timesteps: Any, num_steps: int | None = None) -> Array:

@@ -27,6 +27,7 @@ class DPMSolverSettings:
   t_end: float | None = None
   timesteps: tuple[float, ...] | None = None  # an explicit decreasing grid (overrides num_steps / spacing)
   rho: float = 7.0
+  time_shift: float = 1.0  # sigma / alpha of every grid time times this (Process.shift_time)
   lower_order_final: bool = True
   clip_range: tuple[float, float] | None = None
 

@@ -22,6 +22,7 @@ from samplers import base
 class HeunSettings:
   num_steps: int = 18  # noise levels before the final s = 0
   rho: float = 7.0
+  time_shift: float = 1.0  # sigma / alpha of every grid time times this (Process.shift_time)
   t_end: float | None = None
   timesteps: tuple[float, ...] | None = None  # an explicit decreasing grid (overrides num_steps / spacing)
   s_churn: float = 0.0

@@ -24,6 +24,7 @@ class ODESettings:
   num_steps: int = 100  # grid points of the fixed-step methods
   spacing: str = 'linspace'
   rho: float = 7.0
+  time_shift: float = 1.0  # sigma / alpha of every grid time times this (Process.shift_time)
   rtol: float = 1e-5
   atol: float = 1e-5
   t_end: float | None = None
@@ -68,7 +69,7 @@ def sample(rng: jax.Array, model_fn: ModelFn, process: Process, shape: tuple[int
     if settings.timesteps:
       raise ValueError('timesteps set a fixed grid: use ode_method=euler or heun (dopri5 chooses its own steps)')
     t_end = process.sample_t_end if settings.t_end is None else settings.t_end
-    ts = jnp.array([process.T, t_end], jnp.float32)
+    ts = base.shift_grid(process, jnp.array([process.T, t_end], jnp.float32), settings.time_shift)
   else:
     ts = base.settings_grid(process, settings)
   x = process.prior_sample(jax.random.split(rng)[0], shape)  # the prior draw every sampler makes from rng

@@ -37,6 +37,7 @@ class PCSettings:
   n_steps_each: int = 1
   spacing: str = 'linspace'
   rho: float = 7.0
+  time_shift: float = 1.0  # sigma / alpha of every grid time times this (Process.shift_time)
   t_end: float | None = None
   timesteps: tuple[float, ...] | None = None  # an explicit decreasing grid (overrides num_steps / spacing)
   denoise: bool = True

@@ -63,7 +63,7 @@ def _bits(nats, d):
   return np.asarray(nats) / (d * math.log(2))
 
 
-@pytest.mark.parametrize('name,shape', [('vp', (4, 4, 1)), ('ve', (8,)), ('subvp', (8,))])
+@pytest.mark.parametrize('name,shape', [('vp', (4, 4, 1)), ('ve', (8,)), ('subvp', (8,)), ('flow', (8,))])
 def test_exact_divergence_matches_the_analytic_density(name, shape):
   """With the exact model and the exact trace, the ODE log-density is the analytic density of the data
   marginal at t_eps: to 1e-3 bits/dim (measured <= 3e-4) when the prior at T is the true marginal there, and

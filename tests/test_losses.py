@@ -7,7 +7,7 @@ import pytest
 
 from diffusion import losses, processes
 from diffusion.exact_score import GaussianMixture
-from diffusion.parameterization import x0_to_eps
+from diffusion.parameterization import make_model_fn, x0_to_eps
 
 SETTINGS = [
     ('vp', losses.LossSettings(weighting='eps')),
@@ -20,6 +20,9 @@ SETTINGS = [
     ('vp', losses.LossSettings(weighting='x0')),
     ('ddpm', losses.LossSettings(weighting='min_snr', time_sampling='discrete')),
     ('ve', losses.LossSettings(weighting='min_snr', min_snr_gamma=1.0)),
+    ('flow', losses.LossSettings(weighting='flow', time_sampling='lognormal', P_mean=0.0, P_std=1.0)),
+    ('flow', losses.LossSettings(weighting='v', time_shift=3.0)),
+    ('vp', losses.LossSettings(weighting='flow')),
 ]
 
 
@@ -119,6 +122,39 @@ def test_min_snr_matches_the_published_recipe(prediction):
     per_example = jnp.minimum(snr, 5.0) / (snr + 1) * jnp.mean((v_hat - v) ** 2, -1)
   assert float(jnp.min(snr)) < 5.0 < float(jnp.max(snr))  # both sides of the clip are drawn
   np.testing.assert_allclose(float(ours), float(jnp.mean(per_example)), rtol=2e-4)
+
+
+def test_flow_matching_loss_is_the_velocity_error():
+  """weighting='flow' on the flow process is conditional flow matching: |u_hat - (eps - x0)|^2, u_hat the
+  network's velocity, at logit-normal t (Stable Diffusion 3's recipe)."""
+  process = processes.get_process('flow')
+  x0, _ = _gaussian_data().sample(jax.random.key(0), 512)
+  net = lambda x, c_noise, cond: 0.9 * jnp.tanh(x) - 0.4 * x + 0.1 * (c_noise / 999)[:, None]
+  model_fn = make_model_fn(net, process, 'flow')
+  settings = losses.LossSettings(weighting='flow', time_sampling='lognormal', P_mean=0.0, P_std=1.0)
+  t, eps = losses.draw_noise(jax.random.key(1), x0, process, settings)
+  ours, _ = losses.denoising_loss_at(model_fn, process, x0, t, eps, settings)
+  x_t = (1 - t[:, None]) * x0 + t[:, None] * eps
+  want = jnp.mean(jnp.mean((net(x_t, 999 * t, None) - (eps - x0)) ** 2, -1))
+  np.testing.assert_allclose(float(ours), float(want), rtol=1e-4)
+
+
+def test_logit_normal_and_shifted_time_sampling():
+  """On the flow process lognormal time sampling is logit-normal t; time_shift k adds log k to logit(t) and maps
+  uniform draws u to k u / (1 + (k - 1) u)."""
+  flow = processes.get_process('flow')
+  rng = jax.random.key(0)
+  for shift in (1.0, 3.0):
+    t = losses.sample_time(rng, 100_000, flow, losses.LossSettings(time_sampling='lognormal', P_mean=0.5,
+                                                                   P_std=0.8, time_shift=shift))
+    logit = np.log(np.asarray(t) / (1 - np.asarray(t)))
+    np.testing.assert_allclose(logit.mean(), 0.5 + np.log(shift), atol=0.01)
+    np.testing.assert_allclose(logit.std(), 0.8, atol=0.01)
+  u = losses.sample_time(rng, 1000, flow, losses.LossSettings())
+  t = losses.sample_time(rng, 1000, flow, losses.LossSettings(time_shift=3.0))
+  np.testing.assert_allclose(t, 3 * u / (1 + 2 * u), rtol=1e-5)
+  with pytest.raises(ValueError, match='discrete grid'):
+    losses.LossSettings(time_sampling='discrete', time_shift=2.0)
 
 
 def test_bad_settings():

@@ -72,6 +72,9 @@ def test_make_model_fn_inverts_a_perfect_network(prediction):
       return pz.x0_eps_to_v(x0, eps, a, s)
     if prediction == 'score':
       return pz.eps_to_score(eps, s)
+    if prediction == 'flow':  # dx_t / dt of score_sde's VP: alpha' = -beta alpha / 2, sigma' = -alpha alpha' / sigma
+      d_a = -0.5 * process.beta(t)[:, None] * a
+      return pz.x0_eps_to_flow(x0, eps, d_a, -a * d_a / s)
     c = pz.edm_coefficients(s / a, 0.5)
     np.testing.assert_allclose(x_in, c.c_in * x / a, rtol=1e-5)
     return (x0 - c.c_skip * x / a) / c.c_out
@@ -79,6 +82,17 @@ def test_make_model_fn_inverts_a_perfect_network(prediction):
   got_x0, got_eps = pz.make_model_fn(net, process, prediction)(x, t, None)
   np.testing.assert_allclose(got_x0, x0, rtol=1e-3, atol=1e-3)
   np.testing.assert_allclose(got_eps, eps, rtol=1e-3, atol=1e-3)
+
+
+def test_flow_prediction_on_the_flow_process_is_eps_minus_x0():
+  """Rectified flow's velocity target eps - x0 gives back x0 and eps, also at T where alpha = 2^-12."""
+  process = processes.get_process('flow')
+  x0, eps, _, _, _ = _setup(2)
+  t = jnp.concatenate([jnp.linspace(0.001, 0.99, 63), jnp.array([process.T])])
+  x = process.perturb(x0, t, eps)
+  got_x0, got_eps = pz.make_model_fn(lambda x_in, c, cond: eps - x0, process, 'flow')(x, t, None)
+  np.testing.assert_allclose(got_x0, x0, rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(got_eps, eps, rtol=1e-4, atol=1e-4)
 
 
 def test_unknown_prediction():

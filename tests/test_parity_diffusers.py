@@ -13,7 +13,7 @@ import pytest
 
 from diffusion import processes
 from diffusion.parameterization import make_model_fn
-from samplers import ancestral, base, ddim, dpm_solver, unipc
+from samplers import ancestral, base, ddim, dpm_solver, ode, unipc
 
 FIXTURE = np.load(os.path.join(os.path.dirname(__file__), 'fixtures', 'schedulers.npz'))
 TOL = dict(rtol=1e-5, atol=1e-5)
@@ -29,6 +29,11 @@ def v_net(x, index, cond=None):
 
 def edm_net(x_in, c_noise, cond=None):
   return jnp.tanh(0.7 * x_in + 0.2 * c_noise[:, None, None, None]) + 0.1 * x_in
+
+
+def flow_net(x, c_noise, cond=None):
+  sigma = (c_noise / 999.0)[:, None, None, None]  # the flow process conditions on 999 t; the fixture's net on t
+  return jnp.tanh(0.7 * x + 0.5 * sigma) - 0.6 * x + 0.2 * jnp.sin(3.0 * sigma)
 
 
 @pytest.fixture(scope='module')
@@ -172,3 +177,35 @@ def test_zero_terminal_snr_ddim_v(sd_zero_snr):
     np.testing.assert_allclose(x, FIXTURE['zero_snr_ddim_traj'][i + 1], rtol=0, atol=3e-4, err_msg=f'step {i}')
   x = base.denoise_step(model_fn, x, ts[-1], None, None)
   np.testing.assert_allclose(x, FIXTURE['zero_snr_ddim_traj'][-1], rtol=0, atol=3e-4)
+
+
+def test_rectified_flow_euler_with_timestep_shift():
+  """FlowMatchEulerDiscreteScheduler(shift=3), Stable Diffusion 3's sampler: its sigmas are Process.shift_time of a
+  linspace (diffusers shifts its sigma_min = shift(1/1000) a second time, so the linspace ends at shift(1/1000)),
+  Euler on the velocity is DDIM on the flow process, and its last Euler step to sigma = 0 is our final denoising
+  step. It starts at sigma = 1, our process at T = 1 - 2^-12: the linspace from T moves the grid by under 1e-4,
+  and on diffusers' own grid the first step differs by 2^-12 |u|; the steps after it agree to float32 rounding."""
+  p = processes.get_process('flow')
+  shift = 3.0
+  t_end = shift * 1e-3 / (1 + (shift - 1) * 1e-3)
+  sigmas = FIXTURE['flow_sigmas']  # [29]: 1, ..., 0
+  np.testing.assert_allclose(p.shift_time(jnp.linspace(1.0, t_end, 28)[1:], shift), sigmas[1:-1], rtol=1e-6)
+  settings = ddim.DDIMSettings(num_steps=28, t_end=t_end, time_shift=shift)
+  ts = base.settings_grid(p, settings)
+  assert float(ts[0]) == p.T
+  np.testing.assert_allclose(ts[1:], sigmas[1:-1], rtol=0, atol=1e-4)
+
+  ts = base.explicit_grid(p, [p.T, *sigmas[1:-1]])  # diffusers' grid, from T
+  model_fn = make_model_fn(flow_net, p, 'flow')
+  step = jax.jit(ddim.make_step(model_fn, p, settings))
+  traj = FIXTURE['flow_traj']  # [29, ...]: x_T, 27 Euler steps, the step to sigma = 0
+  x = step(jnp.asarray(traj[0]), ts[0], ts[1], jax.random.key(0))
+  np.testing.assert_allclose(x, traj[1], rtol=0, atol=2.0 ** -12 * 1.1)  # |u| <= 1.1 here
+  x = jnp.asarray(traj[1])  # from diffusers' first step on, the same map
+  for i in range(1, 27):
+    x = step(x, ts[i], ts[i + 1], jax.random.key(0))
+    np.testing.assert_allclose(x, traj[i + 1], rtol=1e-5, atol=1e-5, err_msg=f'step {i}')
+  np.testing.assert_allclose(base.denoise_step(model_fn, x, ts[-1], None, None), traj[-1], **TOL)
+  x, nfe = ode.solve_flow(model_fn, p, jnp.asarray(traj[1]), ts[1:], ode.ODESettings(ode_method='euler'))
+  assert int(nfe) == 26
+  np.testing.assert_allclose(base.denoise_step(model_fn, x, ts[-1], None, None), traj[-1], **TOL)

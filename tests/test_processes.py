@@ -13,6 +13,7 @@ ALL = [
     ('edm', {'sigma_min': 0.002, 'sigma_max': 80.0}),
     ('ddpm', {'schedule': 'linear', 'zero_terminal_snr': True}),
     ('ddpm', {'schedule': 'scaled_linear', 'beta_min': 0.85, 'beta_max': 12.0, 'zero_terminal_snr': True}),
+    ('flow', {}),
 ]
 
 
@@ -140,6 +141,46 @@ def test_prior(name, kw):
   np.testing.assert_allclose(p.prior_logp(z[:3]), want, rtol=1e-5)
   # the prior matches the marginal at T (up to the VP / DDPM residual alpha(T) x0)
   assert abs(float(p.sigma(p.T)) - p.prior_std) / p.prior_std < 1e-3
+
+
+@pytest.mark.parametrize('name,kw', ALL)
+def test_time_derivatives_match_drift_and_diffusion(name, kw):
+  """d_alpha = f alpha and d_sigma = (g^2 + 2 f sigma^2) / (2 sigma), the definitions of f and g^2."""
+  p = make(name, kw)
+  t = jnp.asarray(np.linspace(0.1, 0.9, 9) * p.T + 0.37e-3 * p.T, jnp.float32)
+  a, s, f, g2 = p.alpha(t), p.sigma(t), p.f(t), p.g2(t)
+  np.testing.assert_allclose(p.d_alpha(t), f * a, rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(p.d_sigma(t), (g2 + 2 * f * s ** 2) / (2 * s), rtol=1e-4, atol=1e-6)
+
+
+def test_flow_process_closed_forms():
+  """Rectified flow: x_t = (1 - t) x0 + t eps, velocity eps - x0, log-SNR = -2 logit(t), T = 1 - 2^-12."""
+  p = processes.get_process('flow')
+  t = jnp.linspace(0.01, 0.99, 50)
+  np.testing.assert_allclose(p.alpha(t), 1 - t, rtol=1e-6)
+  np.testing.assert_allclose(p.sigma(t), t, rtol=1e-6)
+  np.testing.assert_allclose(p.log_snr(t), -2 * np.log(np.asarray(t) / (1 - np.asarray(t))), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(p.d_alpha(t), -1.0)
+  np.testing.assert_allclose(p.d_sigma(t), 1.0)
+  np.testing.assert_allclose(p.noise_cond(t), 999 * t, rtol=1e-6)
+  assert p.T == 1 - 2.0 ** -12 and float(p.alpha(p.T)) == 2.0 ** -12
+  assert np.isfinite([float(p.log_snr(p.T)), float(p.f(p.T)), float(p.g2(p.T))]).all()
+
+
+@pytest.mark.parametrize('name,kw', [('flow', {}), ('vp', {}), ('edm', {'sigma_min': 0.002, 'sigma_max': 80.0})])
+def test_shift_time_scales_the_noise_to_signal_ratio(name, kw):
+  """shift_time(t, k): sigma / alpha multiplied by k; on the flow process Esser et al.'s k t / (1 + (k - 1) t)."""
+  p = make(name, kw)
+  t = jnp.asarray(np.linspace(0.05, 0.3, 14) * p.T, jnp.float32)  # shifted by 3 stays below T
+  for k in (0.5, 3.0):
+    u = p.shift_time(t, k)
+    np.testing.assert_allclose(p.sigma(u) / p.alpha(u), k * p.sigma(t) / p.alpha(t), rtol=2e-4)
+    if name == 'flow':
+      np.testing.assert_allclose(u, k * t / (1 + (k - 1) * t), rtol=1e-5)
+  np.testing.assert_array_equal(p.shift_time(t, 1.0), t)
+  assert float(p.shift_time(p.T, 3.0)) == p.T  # clipped to the process's end
+  with pytest.raises(ValueError, match='time_shift'):
+    p.shift_time(t, 0.0)
 
 
 def test_reverse_sde_and_probability_flow():

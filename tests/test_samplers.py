@@ -85,6 +85,11 @@ def _distance(name, sampler, steps, n=4000, **options):
     ('ddpm_zero_snr', 'dpm_solver', 3, 25, {'order': 2, 'spacing': 'logsnr'}),
     ('ddpm_zero_snr', 'unipc', 3, 25, {'order': 2, 'spacing': 'logsnr'}),
     ('ddpm_zero_snr', 'heun', 2, 80, {}),  # its Karras grid starts at sigma / alpha = 3e4: 40 steps reach 0.023
+    # rectified flow (alpha(T) = 2^-12): every sampler family, and Stable Diffusion 3's timestep shift
+    ('flow', 'ddim', 5, 200, {}), ('flow', 'ddim', 5, 200, {'time_shift': 3.0}), ('flow', 'ddpm', 20, 1000, {}),
+    ('flow', 'pc', 20, 1000, {'predictor': 'reverse_diffusion', 'corrector': 'langevin'}),
+    ('flow', 'ode', 4, 100, {'ode_method': 'heun'}), ('flow', 'dpm_solver', 3, 25, {'order': 2, 'spacing': 'logsnr'}),
+    ('flow', 'unipc', 3, 25, {'order': 2, 'spacing': 'logsnr'}), ('flow', 'heun', 2, 80, {}),
 ])
 def test_samplers_converge_to_the_mixture(name, sampler, coarse_steps, fine_steps, options):
   """With the exact score, samples approach the data distribution as the number of steps grows."""
@@ -190,6 +195,33 @@ def test_ddim_with_many_steps_equals_the_probability_flow_ode():
   a, _ = _run('vp', 'ddim', rng, n=256, num_steps=2000, spacing='logsnr')
   b, _ = _run('vp', 'ode', rng, n=256, ode_method='dopri5', rtol=1e-6, atol=1e-6)
   assert float(np.max(np.abs(a - b))) < 0.02, float(np.max(np.abs(a - b)))
+
+
+def test_ddim_is_euler_on_the_flow_process():
+  """On the straight path x_t = (1 - t) x0 + t eps, DDIM's x_s = (1 - s) x0 + s eps equals the Euler step
+  x + (s - t) u of the velocity u = eps - x0: the same samples from the same prior draw, on a shifted grid."""
+  rng = jax.random.key(5)
+  options = dict(n=256, num_steps=12, time_shift=3.0)
+  a, nfe_a = _run('flow', 'ddim', rng, **options)
+  b, nfe_b = _run('flow', 'ode', rng, ode_method='euler', **options)
+  assert nfe_a == nfe_b == 12
+  np.testing.assert_allclose(a, b, rtol=0, atol=5e-5)  # float32 rounding over 12 steps (measured 1.7e-5)
+  c, _ = _run('flow', 'ddim', rng, n=256, num_steps=12)
+  assert float(np.max(np.abs(a - c))) > 1e-2  # the shift changes the grid
+
+
+def test_time_shift_of_the_sampling_grid():
+  """The first time stays T (the prior draw); the others follow Process.shift_time, t_end included, and a
+  shift that maps grid points onto T is refused."""
+  p = processes.get_process('flow')
+  settings, _ = get_sampler('ddim', num_steps=10, time_shift=3.0)
+  ts = np.asarray(base.settings_grid(p, settings), np.float64)
+  plain = np.linspace(p.T, p.sample_t_end, 10)
+  np.testing.assert_allclose(ts, [p.T, *(3 * plain[1:] / (1 + 2 * plain[1:]))], rtol=1e-6)
+  explicit, _ = get_sampler('ddim', timesteps=(0.9, 0.5, 0.1), time_shift=3.0)
+  np.testing.assert_allclose(base.settings_grid(p, explicit), [0.9, 0.5, 0.1], rtol=1e-6)  # used as given
+  with pytest.raises(ValueError, match='time_shift'):
+    base.settings_grid(p, get_sampler('ddim', num_steps=1000, time_shift=1e4)[0])
 
 
 def test_ddim_eta_one_matches_ddpm_ancestral_in_distribution():

@@ -41,13 +41,15 @@ class TrainingDiverged(RuntimeError):
 # ---------------------------------------------------------------------------- config -> typed objects
 def build_process(config: ml_collections.ConfigDict) -> processes.Process:
   p = config.process
-  if p.zero_terminal_snr and config.model.prediction in ('eps', 'score'):
-    raise ValueError(f'process.zero_terminal_snr ends the process in pure noise, where a '
-                     f'model.prediction={config.model.prediction} network cannot give x0 (alpha(T) is about 0); '
-                     "set model.prediction='v' (Lin et al. 2024), 'x0' or 'edm'")
-  return processes.get_process(p.name, schedule=p.schedule, beta_min=p.beta_min, beta_max=p.beta_max,
-                               cosine_s=p.cosine_s, num_timesteps=p.num_timesteps, sigma_min=p.sigma_min,
-                               sigma_max=p.sigma_max, t_eps=p.t_eps, zero_terminal_snr=p.zero_terminal_snr)
+  process = processes.get_process(p.name, schedule=p.schedule, beta_min=p.beta_min, beta_max=p.beta_max,
+                                  cosine_s=p.cosine_s, num_timesteps=p.num_timesteps, sigma_min=p.sigma_min,
+                                  sigma_max=p.sigma_max, t_eps=p.t_eps, zero_terminal_snr=p.zero_terminal_snr)
+  alpha_T = float(process.alpha(process.T))
+  if alpha_T < 1e-3 and config.model.prediction in ('eps', 'score'):
+    raise ValueError(f'{process!r} ends in pure noise (alpha(T) = {alpha_T:.1e}), where a '
+                     f'model.prediction={config.model.prediction} network cannot give x0 = (x - sigma eps) / alpha; '
+                     "set model.prediction='v' (Lin et al. 2024), 'flow', 'x0' or 'edm'")
+  return process
 
 
 def is_autoencoder(config: ml_collections.ConfigDict) -> bool:
@@ -129,7 +131,7 @@ def build_loss(config: ml_collections.ConfigDict) -> losses.LossSettings:
   t = config.training
   return losses.LossSettings(weighting=t.loss_weighting, time_sampling=t.time_sampling, reduce=t.reduce,
                              P_mean=t.P_mean, P_std=t.P_std, sigma_data=config.model.sigma_data,
-                             min_snr_gamma=t.min_snr_gamma)
+                             min_snr_gamma=t.min_snr_gamma, time_shift=t.time_shift)
 
 
 def build_sampler(config: ml_collections.ConfigDict):
