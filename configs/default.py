@@ -178,7 +178,8 @@ def get_config() -> config_dict.ConfigDict:
   c.sample.s_noise = 1.0
   c.sample.spacing = 'linspace'  # linspace | logsnr | karras (any process); leading | trailing (ddpm)
   c.sample.rho = 7.0  # karras spacing exponent
-  c.sample.time_shift = 1.0  # sigma / alpha of every grid time but T times this (SD3's timestep shift; 1: none)
+  c.sample.time_shift = 1.0  # sigma / alpha of every grid time but T times this (SD3's timestep shift; 1: none);
+  #                             an explicit sample.timesteps grid is used as given
   c.sample.timesteps = ()  # an explicit decreasing time grid (e.g. tuned: samplers/step_schedule.py); () uses
   #                           num_steps points of `spacing`, a grid sets num_steps to its length
   c.sample.t_end = placeholder(float)  # last time before the final denoising; None: the process's default

@@ -34,4 +34,6 @@ def get_sampler(name: str, **options: Any) -> tuple[Any, Callable]:
   settings = cls(**{k: v for k, v in options.items() if k in fields})
   if getattr(settings, 'num_steps', 1) < 1:
     raise ValueError(f'sample.num_steps={settings.num_steps} must be at least 1')
+  if not getattr(settings, 'time_shift', 1.0) > 0:
+    raise ValueError(f'sample.time_shift={settings.time_shift} must be positive')
   return settings, fn

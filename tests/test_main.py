@@ -74,8 +74,10 @@ def test_image_size_mismatch(tmp_path):
     ('sample.num_steps=0', 'sample.num_steps=0'), ('model.nf=0', 'nf=0'),
     ('model.dropout=1.0', 'dropout=1.0'), ('sample.batch_size=0', 'sample.batch_size=0'),
     ('model.num_groups=0', 'num_groups=0'), ('model.attn_resolutions=(7,)', 'the U-Net does not have'),
-    ('process.beta_max=0.01', 'beta_max=0.01'), ('process.zero_terminal_snr=True', 'model.prediction=eps'),
+    ('process.beta_max=0.01', 'beta_max=0.01'), ('process.zero_terminal_snr=True', "process.name='ddpm'"),
     ('training.ema_profiles=(0.05,0.5)', 'training.ema_profiles=0.5'),
+    ('process.name=flow', 'model.prediction=eps'), ('sample.time_shift=0', 'sample.time_shift=0'),
+    ('training.time_shift=-1', 'training.time_shift=-1'),
 ])
 def test_out_of_range_value(override, needle, tmp_path):
   """A value outside its range stops with one line naming it, before any step (was: a ZeroDivisionError, a
