@@ -8,7 +8,7 @@ from tests.helpers import ROOT, error_lines, main_py
 
 CONFIGS = [
     'configs/mnist/ddpm_linear.py', 'configs/mnist/ddpm_cosine.py', 'configs/mnist/ddpm_v_zero_snr.py',
-    'configs/mnist/ddpmpp_vp.py',
+    'configs/mnist/ddpmpp_vp.py', 'configs/mnist/ddpmpp_flow.py',
     'configs/mnist/ddpmpp_subvp.py', 'configs/mnist/ncsnpp_ve.py', 'configs/mnist/edm.py',
     'configs/cifar10/ddpm.py', 'configs/cifar10/ddpmpp_vp_continuous.py',
     'configs/cifar10/ncsnpp_ve_continuous.py', 'configs/mnist/vae_f4.py', 'configs/cifar10/vae_f4.py',

@@ -91,9 +91,15 @@ def test_ema_weights_are_bias_corrected():
   np.testing.assert_allclose([float(decay), float(weight)], [0.9999, 1e-4], rtol=1e-6)
 
 
-def test_tiny_unet_overfits_one_batch():
-  """Loss on one fixed batch, averaged over fixed noise draws, falls 10x within 200 steps."""
-  config = tiny_config(ema_decay=0.0)
+@pytest.mark.parametrize('process_name,prediction,weighting,factor',
+                         [('vp', 'eps', 'eps', 10), ('flow', 'flow', 'flow', 5)])
+def test_tiny_unet_overfits_one_batch(process_name, prediction, weighting, factor):
+  """Loss on one fixed batch, averaged over fixed noise draws, falls `factor`-fold within 200 steps: DDPM's eps loss
+  on VP (10x), and flow matching (velocity prediction, logit-normal times) on the rectified-flow process, whose
+  velocity target at small t asks for eps from x_0 + t eps (5x; measured 6.1x: 1.86 -> 0.30)."""
+  config = tiny_config(ema_decay=0.0, loss_weighting=weighting,
+                       time_sampling='lognormal' if process_name == 'flow' else 'uniform', P_mean=0.0, P_std=1.0)
+  config.process.name, config.model.prediction = process_name, prediction
   graphdef, state, one, process = build_step(config)
   batch = {'image': jnp.asarray(digits(8)), 'label': jnp.zeros(8, jnp.int32)}
   from flax import nnx
@@ -104,16 +110,16 @@ def test_tiny_unet_overfits_one_batch():
   @jax.jit
   def eval_loss(params, buffers):
     model = nnx.merge(graphdef, params, buffers)
-    model_fn = make_model_fn(lambda x, c, y: model(x, c, y), process, 'eps')
+    model_fn = make_model_fn(lambda x, c, y: model(x, c, y), process, prediction)
     x0 = jnp.tile(scaler.to_model(batch['image']), (16, 1, 1, 1))
-    return losses.denoising_loss(model_fn, process, x0, jax.random.key(42), losses.LossSettings())[0]
+    return losses.denoising_loss(model_fn, process, x0, jax.random.key(42), trainer.build_loss(config))[0]
 
   before = float(eval_loss(state.params, state.buffers))
   step = jax.jit(one, donate_argnums=0)
   for _ in range(200):
     state, metrics = step(state, batch)
   after = float(eval_loss(state.params, state.buffers))
-  assert after < before / 10, (before, after)
+  assert after < before / factor, (before, after)
 
 
 def test_fused_steps_and_ema_equal_single_steps():

@@ -46,7 +46,8 @@ def build_process(config: ml_collections.ConfigDict) -> processes.Process:
                                   sigma_max=p.sigma_max, t_eps=p.t_eps, zero_terminal_snr=p.zero_terminal_snr)
   alpha_T = float(process.alpha(process.T))
   if alpha_T < 1e-3 and config.model.prediction in ('eps', 'score'):
-    raise ValueError(f'{process!r} ends in pure noise (alpha(T) = {alpha_T:.1e}), where a '
+    name = f"process.name='{p.name}'" + (' with process.zero_terminal_snr' if p.zero_terminal_snr else '')
+    raise ValueError(f'{name} ends in pure noise (alpha(T) = {alpha_T:.1e}), where a '
                      f'model.prediction={config.model.prediction} network cannot give x0 = (x - sigma eps) / alpha; '
                      "set model.prediction='v' (Lin et al. 2024), 'flow', 'x0' or 'edm'")
   return process
