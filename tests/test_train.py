@@ -325,3 +325,21 @@ def test_checkpoint_written_before_ema_profiles_existed(tmp_path):
   with pytest.raises(checkpoint.CheckpointError, match=r'holds 0 post-hoc EMA profiles, the config 1 \(training.ema_profiles'):
     ckpt.restore(with_profiles)
   ckpt.close()
+
+
+def test_eps_networks_refused_on_processes_that_end_in_pure_noise():
+  """x0 = (x - sigma eps) / alpha at alpha(T) ~ 2^-12: zero-terminal-SNR DDPM and rectified flow refuse eps and score
+  networks; the cosine DDPM schedule (alpha(T) = 5e-5) keeps its usual eps-network."""
+  for process, extra in (('ddpm', {'zero_terminal_snr': True}), ('flow', {})):
+    for prediction in ('eps', 'score'):
+      c = ddpmpp_vp.get_config()
+      c.process.name, c.model.prediction = process, prediction
+      for k, v in extra.items():
+        c.process[k] = v
+      with pytest.raises(ValueError, match='pure noise'):
+        trainer.build_process(c)
+    c.model.prediction = 'v'
+    assert float(trainer.build_process(c).alpha(1.0 if process == 'ddpm' else 1 - 2.0 ** -12)) < 1e-3
+  c = ddpmpp_vp.get_config()
+  c.process.name, c.process.schedule = 'ddpm', 'cosine'
+  assert float(trainer.build_process(c).alpha(1.0)) < 1e-3

@@ -44,12 +44,12 @@ def build_process(config: ml_collections.ConfigDict) -> processes.Process:
   process = processes.get_process(p.name, schedule=p.schedule, beta_min=p.beta_min, beta_max=p.beta_max,
                                   cosine_s=p.cosine_s, num_timesteps=p.num_timesteps, sigma_min=p.sigma_min,
                                   sigma_max=p.sigma_max, t_eps=p.t_eps, zero_terminal_snr=p.zero_terminal_snr)
-  alpha_T = float(process.alpha(process.T))
-  if alpha_T < 1e-3 and config.model.prediction in ('eps', 'score'):
-    name = f"process.name='{p.name}'" + (' with process.zero_terminal_snr' if p.zero_terminal_snr else '')
-    raise ValueError(f'{name} ends in pure noise (alpha(T) = {alpha_T:.1e}), where a '
-                     f'model.prediction={config.model.prediction} network cannot give x0 = (x - sigma eps) / alpha; '
-                     "set model.prediction='v' (Lin et al. 2024), 'flow', 'x0' or 'edm'")
+  if (p.zero_terminal_snr or p.name == 'flow') and config.model.prediction in ('eps', 'score'):
+    # (the cosine DDPM schedule also ends at alpha(T) = 5e-5, but eps-networks are its usual pairing)
+    name = "process.name='flow'" if p.name == 'flow' else 'process.zero_terminal_snr'
+    raise ValueError(f'{name} ends the process in pure noise (alpha(T) = {float(process.alpha(process.T)):.1e}), '
+                     f'where a model.prediction={config.model.prediction} network cannot give '
+                     "x0 = (x - sigma eps) / alpha; set model.prediction='v' (Lin et al. 2024), 'flow', 'x0' or 'edm'")
   return process
 
 
