@@ -1,18 +1,20 @@
 #!/usr/bin/env bash
 # One device call that measures ours and the PyTorch peers on the same GPU, in the order given, each step under
 # its own time limit so that a call fits the device session. Logs (JSON lines) go to $OUT (or ./bench_out).
-# Prepare here first: ../shared/tools/device_wheels.sh  (-> .whl/), and copy ../shared/bench/peer_pytorch.py to
-# .peer/; then run with carry [".whl", ".peer"]:
+# Prepare here first: ../shared/tools/device_wheels.sh tensorboardX  (-> .whl/; the image lacks tensorboardX, which
+# train/logger.py imports), and copy ../shared/bench/peer_pytorch.py to .peer/; then run with carry [".whl", ".peer"]:
 #   bash bench/device_run.sh [check|sample|train|profile|fid|peer|all]...
 # check    bench/gpu_checks.py: cuDNN and Pallas attention against XLA (bf16), ~1 min
 # sample   ours (both networks, bf16), then the peer (same networks, torch.compile), ~8 min; NETWORKS=ddpm_cifar10
 #          for the DDPM network alone
 # train    the training step, bf16 and fp32 at batch 128 and 512, ~5 min
+# train16  the bf16 step at batch 128 and 512, each with its per-op profile and compiled HLO (hlo.tar), ~3 min
 # profile  the bf16 batch-512 step: base, Pallas flash attention (cuDNN's rejects the DDPM network's 256-wide
 #          head), no dropout; each with a per-op profile and its compiled HLO (returned as $OUT/hlo.tar, to
 #          study XLA:GPU's fusions on the CPU), ~6 min
 # fid      FID Inception features, bf16 and TF32, ~1 min
 # peer     the PyTorch training peer with compiled batch 128 (PEER_QUICK=0), ~7 min
+# peer_quick  the PyTorch peer at batch 512 only (train eager and compiled, compiled forward, pytorch-fid), ~3.5 min
 # graphs   the bf16 step at batch 128 and 512 (1 and 4 steps per call) with XLA:GPU's command buffers (CUDA graphs)
 #          for fusions, cuBLAS, cuDNN and custom calls, from one kernel up: the remedy to try if the profile's
 #          idle_share says kernel launches bound the step (compare with the train rows), ~4 min
@@ -26,17 +28,21 @@ export PYTHONUNBUFFERED=1
 # across the steps of this call, so e.g. the profile's base row reuses the train row's compilation.
 export JAX_COMPILATION_CACHE_DIR=/tmp/jax_cache XLA_FLAGS="--xla_gpu_per_fusion_autotune_cache_dir=/tmp/xla_autotune"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/device.txt"
-run() { local name=$1 limit=$2; shift 2; timeout "$limit" "$@" 2>&1 | grep '^{' | tee -a "$OUT/$name.log"; }
+# JSON lines to $OUT/<name>.log and the console; everything (warnings, tracebacks) to $OUT/raw.txt.
+run() { local name=$1 limit=$2; shift 2; timeout "$limit" "$@" 2>&1 | tee -a "$OUT/raw.txt" | grep '^{' | tee -a "$OUT/$name.log"; }
 for what in "${@:-all}"; do
   case $what in
     check|all) run check 120 python3 bench/gpu_checks.py ;;&
     sample|all) run sample 240 python3 bench/sample_throughput.py --dtype bfloat16 --network $NETWORKS
                 run peer_sampling 300 python3 bench/peer_sampling.py --calls 3 --network $NETWORKS ;;&
     train|all) run train 300 python3 bench/train_throughput.py --dtype bfloat16 float32 --batch 128 512 ;;&
+    train16) run train 260 python3 bench/train_throughput.py --dtype bfloat16 --batch 512 128 \
+               --profile /tmp/profile --dump_hlo /tmp/hlo; tar -C /tmp -cf "$OUT/hlo.tar" hlo ;;
     profile|all) run profile 400 python3 bench/train_throughput.py --dtype bfloat16 --batch 512 --steps 10 \
                    --variant base model.attention=pallas model.dropout=0.0 --profile /tmp/profile --dump_hlo /tmp/hlo ;;&
-    fid|all) run fid 60 python3 bench/fid_throughput.py --numerics bf16 'fp32/tf32' ;;&
+    fid|all) run fid 90 python3 bench/fid_throughput.py --numerics bf16 'fp32/tf32' ;;&
     peer) PEER_QUICK=0 run peer 420 python3 .peer/peer_pytorch.py ;;
+    peer_quick) PEER_QUICK=1 run peer 240 python3 .peer/peer_pytorch.py ;;
     graphs) GRAPHS="--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUDNN,CUSTOM_CALL --xla_gpu_graph_min_graph_size=1"
             XLA_FLAGS="$XLA_FLAGS $GRAPHS" run graphs 300 python3 bench/train_throughput.py --dtype bfloat16 --batch 128 512 --steps_per_call 1 4 ;;
   esac
