@@ -114,6 +114,10 @@ def summarize(logdir: str, calls: int, top: int = 25, hlo_text: str = '') -> dic
     intervals.append((start, start + ns))
     if ns < SHORT_NS:
       short[0], short[1] = short[0] + 1, short[1] + ns
+  if not per_op:  # e.g. no GPU activity was recorded (the H200 trace of 2026-12-04): say what the trace holds
+    data = jax.profiler.ProfileData.from_file(files[-1])
+    raise ValueError('no XLA op events in the trace; planes and lines: ' + '; '.join(
+        f"{p.name}: {','.join(line.name for line in p.lines)}" for p in data.planes))
   busy, span = busy_and_span(intervals)
   lines, bodies = parse_hlo(hlo_text)
 

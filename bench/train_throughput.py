@@ -100,8 +100,10 @@ def measure(dtype: str, batch: int, steps_per_call: int, timed_calls: int, image
   compile_s = time.perf_counter() - t0
   # FLOPs of the program as lowered (before XLA:GPU turns convolutions into cuDNN custom calls, which the
   # compiled program's cost analysis does not count).
+  # jax 0.11 on GPUs returns None here: then flops is 0 and the MFU is computed from the CPU's count of the same
+  # lowered program (bench/RESULTS.md).
   cost = lowered.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  cost = (cost[0] if isinstance(cost, (list, tuple)) else cost) or {}
   flops = float(cost.get('flops', 0.0)) / steps_per_call  # per optimizer step
 
   for _ in range(3):  # warm-up
@@ -125,9 +127,12 @@ def measure(dtype: str, batch: int, steps_per_call: int, timed_calls: int, image
       nonlocal state
       state, m = compiled(state, batches)
       return m
-    summary = profile_ops.profile(call, 5, os.path.join(profile_dir, name), compiled.as_text())
-    emit(what='train_profile', impl=f'ours jax {dtype}', batch=batch, variant=variant,
-         per_step_ms=round(summary['device_ms_per_call'] / steps_per_call, 3), **summary)
+    try:  # a failed profile must not lose the row
+      summary = profile_ops.profile(call, 5, os.path.join(profile_dir, name), compiled.as_text())
+      emit(what='train_profile', impl=f'ours jax {dtype}', batch=batch, variant=variant,
+           per_step_ms=round(summary['device_ms_per_call'] / steps_per_call, 3), **summary)
+    except Exception as e:  # noqa: BLE001
+      emit(what='train_profile_failed', batch=batch, variant=variant, err=repr(e)[:1500])
   # float32 rows: float32 parameters and activations; convolutions and matmuls at XLA's default precision, which
   # lets Ampere and Hopper GPUs use TF32 (as PyTorch's cudnn.allow_tf32 default does for convolutions).
   precision = jax.config.jax_default_matmul_precision or 'default'

@@ -88,3 +88,10 @@ def test_gpu_program_counts_each_kernels_bytes():
   summary = gpu_program.summarize(ks, bandwidth=1e12, flops=1e9, peak_flops=1e12, top=3)
   assert summary['kernels'] == len(ks) and summary['gb_moved'] == round(total / 1e9, 2)
   assert summary['compute_bound_ms'] == 1.0 and sum(r['kernels'] for r in summary['per_kind']) == len(ks)
+
+
+def test_profile_of_a_trace_without_op_events_says_what_the_trace_holds(tmp_path):
+  """A trace with no XLA op events (as a GPU machine without kernel tracing gives) is an error naming the
+  trace's planes, not an empty summary."""
+  with pytest.raises(ValueError, match='no XLA op events.*/host:CPU'):
+    profile_ops.profile(lambda: 0.0, 1, str(tmp_path), '')  # no device work
