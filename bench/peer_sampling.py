@@ -157,6 +157,15 @@ def timed(fn, calls):
   return first, statistics.median(times)
 
 
+def back_to_back(fn, calls):
+  """Mean seconds per call of `calls` calls queued without a sync between them (peer_pytorch.py's method)."""
+  t = time.perf_counter()
+  for _ in range(calls):
+    fn()
+  sync()
+  return (time.perf_counter() - t) / calls
+
+
 def run(network, batch, calls, eager):
   compile = (lambda m: m) if eager else torch.compile
   sample, _, forward = (make_ddpm_sampler if network == 'ddpm_cifar10' else make_text_sampler)(batch, compile)
@@ -171,7 +180,8 @@ def run(network, batch, calls, eager):
 
   first, s = timed(forward_call, calls * 4)
   emit(what='denoiser_forward', network=network, impl=impl, batch=batch, img_per_s=round(batch / s, 1),
-       ms=round(s * 1e3, 2), first_call_s=round(first, 1))
+       ms=round(s * 1e3, 2), ms_back_to_back=round(back_to_back(forward_call, calls * 4) * 1e3, 2),
+       first_call_s=round(first, 1))
   for label, scheduler, steps in schedulers():
     first, s = timed(lambda: sample(scheduler, steps), calls)
     emit(what='sample', sampler=label, network=network, impl=impl, batch=batch, nfe=steps,
