@@ -3,7 +3,7 @@
 # its own time limit so that a call fits the device session. Logs (JSON lines) go to $OUT (or ./bench_out).
 # Prepare here first: ../shared/tools/device_wheels.sh tensorboardX  (-> .whl/; the image lacks tensorboardX, which
 # train/logger.py imports), and copy ../shared/bench/peer_pytorch.py to .peer/; then run with carry [".whl", ".peer"]:
-#   bash bench/device_run.sh [check|sample|train|profile|fid|peer|all]...
+#   bash bench/device_run.sh [check|sample|train|train16|profile|fid|peer|peer_quick|graphs|all]...
 # check    bench/gpu_checks.py: cuDNN and Pallas attention against XLA (bf16), ~1 min
 # sample   ours (both networks, bf16), then the peer (same networks, torch.compile), ~8 min; NETWORKS=ddpm_cifar10
 #          for the DDPM network alone

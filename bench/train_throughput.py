@@ -100,8 +100,8 @@ def measure(dtype: str, batch: int, steps_per_call: int, timed_calls: int, image
   compile_s = time.perf_counter() - t0
   # FLOPs of the program as lowered (before XLA:GPU turns convolutions into cuDNN custom calls, which the
   # compiled program's cost analysis does not count).
-  # jax 0.11 on GPUs returns None here: then flops is 0 and the MFU is computed from the CPU's count of the same
-  # lowered program (bench/RESULTS.md).
+  # jax 0.11 on GPUs returns None here: then the row's flops and MFU are null, and RESULTS.md uses the CPU's count
+  # of the same lowered program.
   cost = lowered.cost_analysis()
   cost = (cost[0] if isinstance(cost, (list, tuple)) else cost) or {}
   flops = float(cost.get('flops', 0.0)) / steps_per_call  # per optimizer step
@@ -140,7 +140,8 @@ def measure(dtype: str, batch: int, steps_per_call: int, timed_calls: int, image
               variant=variant,
               img_per_s=round(batch / step_s, 1), step_ms=round(step_s * 1e3, 2),
               step_ms_min=round(min(times) * 1e3, 2), compile_s=round(compile_s, 1),
-              flops_per_img=round(flops / batch), mfu_vs_989tf=round(flops / step_s / PEAK_FLOPS, 4),
+              flops_per_img=round(flops / batch) if flops else None,
+              mfu_vs_989tf=round(flops / step_s / PEAK_FLOPS, 4) if flops else None,
               peak_mem_gb=round(mem.get('peak_bytes_in_use', 0) / 2 ** 30, 2),
               loss_finite=bool(np.isfinite(np.asarray(metrics['loss'])).all()))
 
