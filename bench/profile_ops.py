@@ -109,13 +109,13 @@ def summarize(logdir: str, calls: int, top: int = 25, hlo_text: str = '') -> dic
     raise FileNotFoundError(f'no *.xplane.pb under {logdir}')
   per_op = collections.Counter()
   intervals, short = [], [0, 0]
-  for name, start, ns in _op_events(jax.profiler.ProfileData.from_file(files[-1])):
+  data = jax.profiler.ProfileData.from_file(files[-1])
+  for name, start, ns in _op_events(data):
     per_op[name] += ns
     intervals.append((start, start + ns))
     if ns < SHORT_NS:
       short[0], short[1] = short[0] + 1, short[1] + ns
   if not per_op:  # e.g. no GPU activity was recorded (the H200 trace of 2026-12-04): say what the trace holds
-    data = jax.profiler.ProfileData.from_file(files[-1])
     raise ValueError('no XLA op events in the trace; planes and lines: ' + '; '.join(
         f"{p.name}: {','.join(line.name for line in p.lines)}" for p in data.planes))
   busy, span = busy_and_span(intervals)
