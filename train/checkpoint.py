@@ -34,6 +34,7 @@ class Checkpointer:
     self._manager = ocp.CheckpointManager(
         self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True),
         item_handlers=ocp.StandardCheckpointHandler())
+    self._meta = {}  # step -> metadata: a written checkpoint does not change, and orbax takes ~1 s to read it
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
@@ -43,6 +44,7 @@ class Checkpointer:
 
   def save(self, step: int, state) -> None:
     """Starts an asynchronous save; `wait` (or the next save) completes it."""
+    self._meta.pop(step, None)
     self._manager.save(step, args=ocp.args.StandardSave(state), force=True)
 
   def restore(self, state_like, step: int | None = None):
@@ -74,10 +76,12 @@ class Checkpointer:
   def _metadata(self, step: int):
     """The checkpoint's tree metadata (field -> array metadata), or None where it cannot be read (a corrupt
     checkpoint: the restore reports it)."""
-    try:
-      return self._manager.item_metadata(step)
-    except Exception:  # noqa: BLE001
-      return None
+    if step not in self._meta:
+      try:
+        self._meta[step] = self._manager.item_metadata(step)
+      except Exception:  # noqa: BLE001
+        return None
+    return self._meta[step]
 
   def _check_params(self, step: int, state_like, meta) -> None:
     """Compares the checkpoint's parameter shapes (its metadata) with the config's before reading any array.

@@ -242,10 +242,11 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
   captions = trainer.dataset_captions(config) if text is not None else None
   table, num_labels = trainer.sample_conditions(config, text, captions)
   graphdef, state_like, _, _ = trainer.init_state(config, codec, text)
+  bpd_fn, gens = None, {}
   writer = SummaryWriter(os.path.join(workdir, 'tb')) if jax.process_index() == 0 else None
   results = []
   for step in steps:
-    state = None
+    state = bpd_row = None
     rows = []
     for name, num_steps in plan_rows:
       label = f'{name}_{num_steps}'
@@ -256,7 +257,9 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
         continue
       if state is None:
         state = trainer.restore_state(config, workdir, ckpt, state_like, step)
-      gen = trainer.make_generate_fn(pair_config, graphdef, process, codec, e.batch_size, text, table)
+      if label not in gens:  # traced once, used for every checkpoint
+        gens[label] = trainer.make_generate_fn(pair_config, graphdef, process, codec, e.batch_size, text, table)
+      gen = gens[label]
       rng = jax.random.fold_in(jax.random.key(config.seed), 3)
       t0 = time.perf_counter()
       feats, logits, nfe = _generated_features(gen, state, rng, extractor, config, num_labels,
@@ -268,7 +271,9 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
              **_sample_metrics(config, feats, logits, ref_mu, ref_sigma, ref_feats),
              'seconds': round(time.perf_counter() - t0, 1)}
       if e.bpd:
-        row.update(_bpd(config, graphdef, state, process))
+        bpd_fn = bpd_fn or _make_bpd_fn(config, graphdef, process)
+        bpd_row = bpd_row or bpd_fn(state)  # the model's likelihood: once per checkpoint, not per sampler
+        row.update(bpd_row)
       if writer is not None:
         for k in ('fid', 'kid', 'is', 'precision', 'recall', 'bpd'):
           if k in row:
@@ -427,9 +432,10 @@ def _generated_features(gen, state, rng, extractor, config, num_labels: int, des
   return np.concatenate(feats)[:n], (np.concatenate(logits)[:n] if logits else None), nfe
 
 
-def _bpd(config, graphdef, state, process) -> dict:
-  """Test-set bits/dim of the EMA model through the probability-flow ODE (class-conditional models: the
-  likelihood given each image's label)."""
+def _make_bpd_fn(config, graphdef, process):
+  """fn(state) -> test-set bits/dim of the EMA model through the probability-flow ODE (class-conditional
+  models: the likelihood given each image's label). The solve is traced and compiled once for all
+  checkpoints (tracing the adaptive solver alone takes seconds)."""
   e, d = config.eval, config.data
   settings = likelihood.LikelihoodSettings(estimator=e.bpd_estimator, rtol=e.bpd_rtol, atol=e.bpd_atol,
                                            centered=d.centered, dequantize='uniform')
@@ -444,19 +450,22 @@ def _bpd(config, graphdef, state, process) -> dict:
                              config.model.sigma_data)
     return likelihood.nll_bpd(rng, model_fn, process, images, settings, labels if num_classes else None)
 
-  rng = jax.random.fold_in(jax.random.key(config.seed), 4)
-  values, nfes = [], []
-  batches = pipeline.iterate_once(source, e.batch_size)
-  for i, batch in enumerate(tqdm(batches, total=-(-n // e.batch_size), desc='bits/dim', unit='batch')):
-    images, labels = batch['image'][:n - len(values)], batch['label'][:n - len(values)]
-    bpd, nfe = batch_bpd(state.ema_params, state.buffers, jax.random.fold_in(rng, i), images, labels)
-    values.extend(np.asarray(bpd).tolist())
-    nfes.append(int(nfe))
-    if len(values) >= n:
-      break
-  values = np.asarray(values)
-  if not np.isfinite(values).all():
-    raise ValueError(f'{int((~np.isfinite(values)).sum())} of {n} likelihood solves failed (NaN): raise '
-                     'eval.bpd_rtol / bpd_atol or check the model')
-  return {'bpd': float(values.mean()), 'bpd_stderr': float(values.std(ddof=1) / np.sqrt(n)) if n > 1 else 0.0,
-          'bpd_num_images': n, 'bpd_mean_nfe': float(np.mean(nfes))}
+  def bpd_of(state) -> dict:
+    rng = jax.random.fold_in(jax.random.key(config.seed), 4)
+    values, nfes = [], []
+    batches = pipeline.iterate_once(source, e.batch_size)
+    for i, batch in enumerate(tqdm(batches, total=-(-n // e.batch_size), desc='bits/dim', unit='batch')):
+      images, labels = batch['image'][:n - len(values)], batch['label'][:n - len(values)]
+      bpd, nfe = batch_bpd(state.ema_params, state.buffers, jax.random.fold_in(rng, i), images, labels)
+      values.extend(np.asarray(bpd).tolist())
+      nfes.append(int(nfe))
+      if len(values) >= n:
+        break
+    values = np.asarray(values)
+    if not np.isfinite(values).all():
+      raise ValueError(f'{int((~np.isfinite(values)).sum())} of {n} likelihood solves failed (NaN): raise '
+                       'eval.bpd_rtol / bpd_atol or check the model')
+    return {'bpd': float(values.mean()), 'bpd_stderr': float(values.std(ddof=1) / np.sqrt(n)) if n > 1 else 0.0,
+            'bpd_num_images': n, 'bpd_mean_nfe': float(np.mean(nfes))}
+
+  return bpd_of
