@@ -173,16 +173,21 @@ _INIT_COMPILER_OPTIONS = {'xla_backend_optimization_level': 0, 'xla_llvm_disable
 
 def init_state(config: ml_collections.ConfigDict, codec: latent.LatentCodec | None = None, text=None):
   """(graphdef, fresh TrainState, optimizer, lr schedule)."""
+  graphdefs = []
+
   def init(rng):
-    _, params, buffers = nnx.split(build_model(config, rng, codec, text), nnx.Param, ...)
+    graphdef, params, buffers = nnx.split(build_model(config, rng, codec, text), nnx.Param, ...)
+    graphdefs.append(graphdef)  # static structure, no tracers: one trace gives both
     return params, buffers
 
   rng_init = jax.random.fold_in(jax.random.key(config.seed), 0)
-  graphdef = nnx.graphdef(nnx.eval_shape(lambda: build_model(config, rng_init, codec, text)))
-  # One compiled program instead of op-by-op initialization. It runs once, so it is compiled for compile time:
-  # a threefry draw per kernel keeps XLA's optimizing backend busy (a tiny U-Net's init: 5.0 s optimized, 1.7 s
-  # unoptimized on 2 CPU cores), and the unoptimized program still initializes 36 M parameters in under a second.
+  # One compiled program instead of op-by-op initialization, traced once (tracing a model's construction costs
+  # time quadratic in its parameter count, through flax's RNG-counter updates: 5 s for NCSN++ on 2 CPU cores).
+  # It runs once, so it is compiled for compile time: a threefry draw per kernel keeps XLA's optimizing backend
+  # busy (a tiny U-Net's init: 5.0 s optimized, 1.7 s unoptimized), and the unoptimized program still
+  # initializes 36 M parameters in under a second.
   params, buffers = jax.jit(init).lower(rng_init).compile(_INIT_COMPILER_OPTIONS)(rng_init)
+  graphdef = graphdefs[0]
   o = config.optim
   tx, schedule = make_optimizer(o.optimizer, lr=o.lr, beta1=o.beta1, beta2=o.beta2, eps=o.eps,
                                 weight_decay=o.weight_decay, warmup_steps=o.warmup_steps, grad_clip=o.grad_clip)
