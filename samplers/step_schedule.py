@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import NamedSharding, PartitionSpec
 
 from diffusion.parameterization import ModelFn
 from diffusion.processes import Process
@@ -65,6 +66,16 @@ def grid_from_params(process: Process, params: dict[str, Array], t_min: float) -
   return jnp.concatenate([jnp.array([process.T], jnp.float32), process.t_from_log_snr(lam)])
 
 
+def _placed_with(tree, args):
+  """tree committed, replicated, to the devices of args' committed arrays, where update's outputs land: fresh
+  arrays are uncommitted, and update would otherwise compile a second time for its own outputs."""
+  committed = [x for x in jax.tree.leaves(args) if isinstance(x, jax.Array) and x.committed]
+  if not committed:
+    return tree
+  s = committed[0].sharding
+  return jax.device_put(tree, NamedSharding(s.mesh, PartitionSpec()) if isinstance(s, NamedSharding) else s)
+
+
 def tune_timesteps(rng: Array, model_fn: ModelFn, process: Process, shape: tuple[int, ...],
                    sample_fn: SampleFn, settings: Any, teacher_fn: SampleFn, teacher_settings: Any,
                    tune: TuneSettings = TuneSettings(), cond: Any = None, model_args: Any = None,
@@ -99,7 +110,7 @@ def tune_timesteps(rng: Array, model_fn: ModelFn, process: Process, shape: tuple
     return optax.apply_updates(params, updates), opt_state, loss
 
   params = params_from_grid(process, ts0, t_min)
-  opt_state = optimizer.init(params)
+  params, opt_state = _placed_with((params, optimizer.init(params)), (model_args, cond))
   best = (float('inf'), params)
   losses = []
   for i in range(tune.num_iters):
