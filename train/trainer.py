@@ -184,6 +184,9 @@ def init_state(config: ml_collections.ConfigDict, codec: latent.LatentCodec | No
     graphdefs.append(graphdef)  # static structure, no tracers: one trace gives both
     return params, buffers
 
+  o = config.optim  # the optimizer first: its settings check their values before the model is initialized
+  tx, schedule = make_optimizer(o.optimizer, lr=o.lr, beta1=o.beta1, beta2=o.beta2, eps=o.eps,
+                                weight_decay=o.weight_decay, warmup_steps=o.warmup_steps, grad_clip=o.grad_clip)
   rng_init = jax.random.fold_in(jax.random.key(config.seed), 0)
   # One compiled program instead of op-by-op initialization, traced once. It runs once, so it is compiled for
   # compile time: a threefry draw per kernel keeps XLA's optimizing backend busy (a tiny U-Net's init: 5.0 s
@@ -191,9 +194,6 @@ def init_state(config: ml_collections.ConfigDict, codec: latent.LatentCodec | No
   # in under a second.
   params, buffers = jax.jit(init).lower(rng_init).compile(_INIT_COMPILER_OPTIONS)(rng_init)
   graphdef = graphdefs[0]
-  o = config.optim
-  tx, schedule = make_optimizer(o.optimizer, lr=o.lr, beta1=o.beta1, beta2=o.beta2, eps=o.eps,
-                                weight_decay=o.weight_decay, warmup_steps=o.warmup_steps, grad_clip=o.grad_clip)
   num_profiles = 0 if is_autoencoder(config) else len(config.training.ema_profiles)
   return graphdef, TrainState.create(params, buffers, tx, num_profiles), tx, schedule
 
@@ -332,6 +332,23 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
   if t.ema_profiles and is_autoencoder(config):
     raise ValueError('training.ema_profiles (post-hoc EMA) is for diffusion models, not autoencoders (model.name=vae)')
   profile_gammas = posthoc_ema.profile_gammas(t.ema_profiles)
+  d = config.data
+  # The settings check their values: built before the model is initialized, a bad value stops the run at once.
+  if is_autoencoder(config):
+    a = config.autoencoder
+    if t.grad_accum != 1:
+      raise ValueError('training.grad_accum is not supported for autoencoders (model.name=vae)')
+    settings = autoencoder.AutoencoderSettings(
+        recon_loss=a.recon_loss, kl_weight=a.kl_weight, disc_start=a.disc_start, disc_weight=a.disc_weight,
+        ema_decay=t.ema_decay, centered=d.centered, random_flip=d.random_flip)
+  else:
+    settings = step_lib.StepSettings(
+        prediction=config.model.prediction, loss=build_loss(config), ema_decay=t.ema_decay,
+        ema_profile_gammas=profile_gammas, centered=d.centered,
+        dequantize=d.uniform_dequantization, random_flip=d.random_flip,
+        num_classes=len(captions) if text is not None else config.model.num_classes,
+        label_dropout=t.label_dropout, grad_accum=t.grad_accum, cached_latents=codec is not None and config.latent.cache)
+    build_sampler(config)  # the snapshots' sampler
   graphdef, state, tx, schedule = init_state(config, codec, text)
   # The state lives on the mesh before a restore, so a checkpoint written on any other mesh is resharded
   # onto this one.
@@ -343,24 +360,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
   start = int(state.step)
   batch_sharding = sharding.batch_sharding(mesh, leading=1)  # [k, B, ...]
   rng_train = jax.random.fold_in(jax.random.key(config.seed), 1)
-  d = config.data
   if is_autoencoder(config):
-    a = config.autoencoder
-    if t.grad_accum != 1:
-      raise ValueError('training.grad_accum is not supported for autoencoders (model.name=vae)')
-    settings = autoencoder.AutoencoderSettings(
-        recon_loss=a.recon_loss, kl_weight=a.kl_weight, disc_start=a.disc_start, disc_weight=a.disc_weight,
-        ema_decay=t.ema_decay, centered=d.centered, random_flip=d.random_flip)
     one_step = autoencoder.make_autoencoder_step(graphdef, tx, schedule, settings, rng_train,
                                                   param_sharding=state_sharding.params)
     snapshot, reconstruct = make_reconstruction_snapshot(config, graphdef)
   else:
-    settings = step_lib.StepSettings(
-        prediction=config.model.prediction, loss=build_loss(config), ema_decay=t.ema_decay,
-        ema_profile_gammas=profile_gammas, centered=d.centered,
-        dequantize=d.uniform_dequantization, random_flip=d.random_flip,
-        num_classes=len(captions) if text is not None else config.model.num_classes,
-        label_dropout=t.label_dropout, grad_accum=t.grad_accum, cached_latents=codec is not None and config.latent.cache)
     one_step = step_lib.make_train_step(graphdef, process, tx, schedule, settings, rng_train, codec, text,
                                         param_sharding=state_sharding.params)
     snapshot = make_snapshot_fn(config, graphdef, process, codec, text, captions)
