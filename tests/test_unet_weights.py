@@ -56,11 +56,13 @@ NCSNPP_CONFIG = {'process.name': 've', 'model.prediction': 'eps', 'model.nf': 16
 
 
 def _imported_network(config, workdir):
-  """The EMA network of workdir's step-0 checkpoint, as sampling restores it."""
+  """The EMA network of workdir's step-0 checkpoint, as sampling restores it: fn(x, c), compiled (op by op, every
+  layer's ops would compile one by one)."""
   graphdef, state, _, _ = trainer.init_state(config)
   state = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints')).restore(state)
   np.testing.assert_array_equal(jax.tree.leaves(state.params)[0], jax.tree.leaves(state.ema_params)[0])
-  return nnx.merge(graphdef, state.ema_params, state.buffers)
+  forward = jax.jit(lambda params, buffers, x, c: nnx.merge(graphdef, params, buffers)(x, c))
+  return lambda x, c: forward(state.ema_params, state.buffers, x, c)
 
 
 @pytest.mark.parametrize('old_names', [False, True])
