@@ -1,4 +1,4 @@
-"""Running main.py in a subprocess with a tiny model, as the tests' users would run it."""
+"""Running main.py in a subprocess with a tiny model, as the tests' users would run it (or its config, in process)."""
 
 import os
 import subprocess
@@ -15,6 +15,29 @@ TINY = [
     '--config.optim.warmup_steps=5', '--config.data.num_threads=1',
     '--config.sample.num_steps=3', '--config.sample.num_samples=4', '--config.sample.batch_size=4',
 ]
+
+
+def tiny_config(*overrides: str):
+  """The config main.py builds from TINY and `overrides` ('--config.a.b=value', values as Python literals), in
+  process; locked, so a mistyped key fails as on the command line."""
+  import ast
+  import importlib.util
+  spec = importlib.util.spec_from_file_location('tiny_config', os.path.join(ROOT, TINY[0].split('=', 1)[1]))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config()
+  config.lock()
+  for override in (*TINY[1:], *overrides):
+    key, value = override.removeprefix('--config.').split('=', 1)
+    *parents, name = key.split('.')
+    node = config
+    for p in parents:
+      node = node[p]
+    try:
+      node[name] = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+      node[name] = value  # a bare string
+  return config
 
 
 def env() -> dict[str, str]:

@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from tests.helpers import ROOT, error_lines, main_py
+from tests.helpers import ROOT, error_lines, main_py, tiny_config
 
 CONFIGS = [
     'configs/mnist/ddpm_linear.py', 'configs/mnist/ddpm_cosine.py', 'configs/mnist/ddpm_v_zero_snr.py',
@@ -68,7 +68,7 @@ def test_image_size_mismatch(tmp_path):
   _one_error(main_py('--config.data.image_size=64', workdir=str(tmp_path)), 'image_size')
 
 
-@pytest.mark.parametrize('override, needle', [
+OUT_OF_RANGE = [
     ('training.snapshot_every=0', 'training.snapshot_every=0'), ('training.grad_accum=0', 'training.grad_accum=0'),
     ('training.ema_decay=1.5', 'training.ema_decay=1.5'), ('optim.lr=-1', 'optim.lr=-1'),
     ('sample.num_steps=0', 'sample.num_steps=0'), ('model.nf=0', 'nf=0'),
@@ -78,14 +78,29 @@ def test_image_size_mismatch(tmp_path):
     ('training.ema_profiles=(0.05,0.5)', 'training.ema_profiles=0.5'),
     ('process.name=flow', 'model.prediction=eps'), ('sample.time_shift=0', 'sample.time_shift=0'),
     ('training.time_shift=-1', 'training.time_shift=-1'),
-])
+]
+
+
+@pytest.mark.parametrize('override, needle', OUT_OF_RANGE)
 def test_out_of_range_value(override, needle, tmp_path):
-  """A value outside its range stops with one line naming it, before any step (was: a ZeroDivisionError, a
-  diverging EMA, gradient ascent, a network without channels, a U-Net without the asked-for attention, a
-  decreasing noise schedule, or a failure at the first sample grid)."""
+  """A value outside its range stops training with a ValueError naming it (main.py prints it as one line), before
+  anything is written (was: a ZeroDivisionError, a diverging EMA, gradient ascent, a network without channels, a
+  U-Net without the asked-for attention, a decreasing noise schedule, or a failure at the first sample grid).
+  In process: a main.py subprocess per value cost ~5 s of start-up each; the next test runs main.py."""
+  from train import trainer
+  with pytest.raises(ValueError) as e:
+    trainer.train(tiny_config(f'--config.{override}'), str(tmp_path))
+  assert needle in str(e.value), str(e.value)
+  assert not os.listdir(tmp_path)  # no checkpoint, log or sample
+
+
+@pytest.mark.parametrize('override, needle', [OUT_OF_RANGE[3], OUT_OF_RANGE[9], OUT_OF_RANGE[12]])
+def test_out_of_range_value_through_main(override, needle, tmp_path):
+  """Through main.py (values checked at the optimizer, the model, the EMA profiles): one line, nothing but
+  the run's config file written."""
   _one_error(main_py(f'--config.{override}', workdir=str(tmp_path)), needle)
   written = [os.path.join(d, f) for d, _, files in os.walk(tmp_path) for f in files]
-  assert written == [str(tmp_path / 'config_train.json')], written  # no checkpoint, log or sample
+  assert written == [str(tmp_path / 'config_train.json')], written
 
 
 def test_import_without_weights(tmp_path):
