@@ -21,22 +21,18 @@ def tiny_config(*overrides: str):
   """The config main.py builds from TINY and `overrides` ('--config.a.b=value', values as Python literals), in
   process; locked, so a mistyped key fails as on the command line."""
   import ast
-  import importlib.util
-  spec = importlib.util.spec_from_file_location('tiny_config', os.path.join(ROOT, TINY[0].split('=', 1)[1]))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config()
-  config.lock()
-  for override in (*TINY[1:], *overrides):
-    key, value = override.removeprefix('--config.').split('=', 1)
-    *parents, name = key.split('.')
-    node = config
-    for p in parents:
-      node = node[p]
+  import importlib
+
+  def value(text):
     try:
-      node[name] = ast.literal_eval(value)
+      return ast.literal_eval(text)
     except (ValueError, SyntaxError):
-      node[name] = value  # a bare string
+      return text  # a bare string
+
+  config = importlib.import_module(TINY[0].split('=', 1)[1].removesuffix('.py').replace('/', '.')).get_config()
+  config.lock()
+  config.update_from_flattened_dict(dict((k, value(v)) for k, v in (o.split('=', 1) for o in (*TINY[1:], *overrides))),
+                                    strip_prefix='--config.')
   return config
 
 
