@@ -54,26 +54,34 @@ def test_fid_stats_then_eval_of_every_checkpoint_and_resume(tmp_path):
   assert {p: os.path.getmtime(p) for p in rows} == before
   assert again.stdout == proc.stdout
 
-  # Other settings are another result, never the stored one: stochastic DDIM (eta 1) instead of eta 0.
+  # Other settings are another result, never the stored one: stochastic DDIM (eta 1) instead of eta 0, sampled from
+  # the post-hoc EMA of another width (its own table). Each setting alone changes the key: test_result_key.
   main_py('--mode=eval', cache, *EVAL, "--config.eval.samplers=('ddim:3',)", '--config.sample.eta=1.0',
-          workdir=work, check=True)
+          '--config.sample.ema_sigma_rel=0.08', workdir=work, check=True)
   new = sorted(set(glob.glob(f'{work}/eval/step00000004_ddim_3_*.json')) - set(rows))
   assert len(new) == 1 and {p: os.path.getmtime(p) for p in rows} == before
   with open(new[0]) as f, open([r for r in rows if 'step00000004_ddim_3' in r][0]) as g:
-    stochastic, deterministic = json.load(f), json.load(g)
-  assert (stochastic['settings']['sample']['eta'], deterministic['settings']['sample']['eta']) == (1.0, 0.0)
-  assert stochastic['fid'] != deterministic['fid']
-
-  # Post-hoc EMA of another width: another result, in its own table.
-  main_py('--mode=eval', cache, *EVAL, "--config.eval.samplers=('ddim:3',)", '--config.sample.ema_sigma_rel=0.08',
-          workdir=work, check=True)
-  posthoc = sorted(set(glob.glob(f'{work}/eval/step00000004_ddim_3_*.json')) - set(rows) - set(new))
-  assert len(posthoc) == 1
-  with open(posthoc[0]) as f:
-    row = json.load(f)
-  assert row['ema_sigma_rel'] == 0.08 and row['settings']['sample']['ema_sigma_rel'] == 0.08
-  assert row['fid'] != deterministic['fid']
+    other, deterministic = json.load(f), json.load(g)
+  assert (other['settings']['sample']['eta'], deterministic['settings']['sample']['eta']) == (1.0, 0.0)
+  assert other['ema_sigma_rel'] == 0.08 and other['settings']['sample']['ema_sigma_rel'] == 0.08
+  assert other['fid'] != deterministic['fid']
   assert os.path.getsize(f'{work}/eval/table_step00000004_ema0.080.md') > 0
+
+
+def test_result_key():
+  """A result's file name hashes every setting that can change it (each sample setting alone gives another name),
+  and none of those that only say which results to compute or where the cache is."""
+  from tests.helpers import tiny_config
+  from train import evaluation
+  path = lambda *o: evaluation._result_path('eval', 'step00000004_ddim_3', tiny_config(*o))
+  base, settings = path()
+  assert base.startswith('eval/step00000004_ddim_3_') and settings['sample']['eta'] == 0.0
+  for changed in ('--config.sample.eta=1.0', '--config.sample.ema_sigma_rel=0.08', '--config.sample.guidance_scale=2.0',
+                  '--config.seed=1', '--config.eval.num_samples=16', '--config.model.nf=16'):
+    assert path(changed)[0] != base, changed
+  for same in ('--config.sample.batch_size=2', "--config.eval.samplers=('ddim:3',)", '--config.eval.cache_dir=/x',
+               '--config.eval.checkpoints=all'):
+    assert path(same)[0] == base, same
 
 
 def test_eval_errors_are_one_line(tmp_path):
