@@ -7,7 +7,7 @@ import re
 
 import numpy as np
 
-from tests.helpers import error_lines, main_py
+from tests.helpers import error_lines, main_py, tiny_config
 
 EVAL = ['--config.eval.batch_size=8', '--config.eval.num_samples=8', '--config.eval.ref_max_images=16',
         "--config.eval.metrics=('fid','kid','is','pr')"]
@@ -71,7 +71,6 @@ def test_fid_stats_then_eval_of_every_checkpoint_and_resume(tmp_path):
 def test_result_key():
   """A result's file name hashes every setting that can change it (each sample setting alone gives another name),
   and none of those that only say which results to compute or where the cache is."""
-  from tests.helpers import tiny_config
   from train import evaluation
   path = lambda *o: evaluation._result_path('eval', 'step00000004_ddim_3', tiny_config(*o))
   base, settings = path()
