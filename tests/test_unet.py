@@ -57,6 +57,35 @@ def test_output_shape_dtype_and_conditioning(options):
     assert float(jnp.abs(y3[0] - y[0]).max()) > 1e-3
 
 
+def test_cast_params_once_keeps_the_outputs_and_casts_only_the_layers_that_cast():
+  """A bfloat16 class-conditional network with its conv / dense / embedding parameters cast once
+  (layers.cast_params_once, what samplers run) computes exactly what it computes with float32 parameters cast in
+  each call; GroupNorm's parameters, and layers without a compute dtype, stay float32."""
+  cfg = UNetConfig(**{**TINY, 'dtype': 'bfloat16', 'num_classes': 10, 'dropout': 0.0})
+  graphdef, params, rest = nnx.split(UNet(cfg, rngs=nnx.Rngs(0)), nnx.Param, ...)
+  params = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(jax.random.key(p.size), p.shape), params)
+  x = jax.random.normal(jax.random.key(1), (2, 16, 16, 3))
+  args = (x, jnp.array([0.1, 5.0]), jnp.array([1, 2]))
+
+  @jax.jit
+  def both(params):
+    model = nnx.merge(graphdef, params, rest)
+    y = model(*args)
+    cast = layers.cast_params_once(model)
+    return y, cast(*args), nnx.state(cast, nnx.Param)
+
+  y, y_cast, cast_params = both(params)
+  assert float(jnp.abs(y.astype(jnp.float32)).max()) > 1e-3
+  np.testing.assert_array_equal(np.asarray(y_cast, np.float32), np.asarray(y, np.float32))
+  dtypes = {jax.tree_util.keystr(path): leaf.dtype
+            for path, leaf in jax.tree_util.tree_leaves_with_path(cast_params)}
+  assert dtypes["['conv_in']['kernel'].value"] == jnp.bfloat16
+  assert dtypes["['class_emb']['embedding'].value"] == jnp.float32  # an nnx.Embed without a compute dtype
+  norms = [d for k, d in dtypes.items() if 'norm' in k]
+  assert norms and all(d == jnp.float32 for d in norms)
+  assert sum(d == jnp.bfloat16 for d in dtypes.values()) > len(dtypes) // 2
+
+
 def test_fresh_network_outputs_zero():
   """score_sde's zero-initialized last layers: every residual branch and the output start at zero."""
   model = UNet(UNetConfig(**TINY), rngs=nnx.Rngs(0))

@@ -11,6 +11,7 @@ from flax import nnx
 from data import scaler
 from diffusion.parameterization import make_model_fn
 from diffusion.processes import Process
+from models import layers
 from samplers.guidance import classifier_free_guidance
 from train import sharding
 from train.latent import LatentCodec
@@ -31,12 +32,13 @@ def guided_model_fn(model: nnx.Module, process: Process, *, prediction: str, sig
                     text: 'TextConditioner | None' = None, table: 'Table | None' = None):
   """The model_fn(x, t, cond) -> (x0, eps) a sampler calls, for cond = condition(text, table, labels): the
   network's output in its parameterization, with classifier-free guidance against null_label (a text model's is
-  the table's last row, the empty caption)."""
+  the table's last row, the empty caption). The model's layers get their parameters in their compute dtype once,
+  here, not in each call (layers.cast_params_once)."""
   null = jnp.int32(null_label)
   if text is not None:
     last = jnp.array([table['mask'].shape[0] - 1], jnp.int32)
     null = jax.tree.map(lambda v: v[0], condition(text, table, last))
-  model_fn = make_model_fn(model, process, prediction, sigma_data)
+  model_fn = make_model_fn(layers.cast_params_once(model), process, prediction, sigma_data)
   return classifier_free_guidance(model_fn, guidance_scale, null, guidance_rescale, process)
 
 
