@@ -53,8 +53,8 @@ def cast_params_once(model: nnx.Module) -> nnx.Module:
     if isinstance(module, _CAST_IN_EACH_CALL) and module.dtype is not None:
       for name in ('kernel', 'bias', 'embedding'):
         param = getattr(module, name, None)
-        if isinstance(param, nnx.Param) and param.value is not None:
-          param.value = param.value.astype(module.dtype)
+        if isinstance(param, nnx.Param) and param.get_value() is not None:
+          param.set_value(param.get_value().astype(module.dtype))
   return model
 
 
