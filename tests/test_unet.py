@@ -72,9 +72,10 @@ def test_cast_params_once_keeps_the_outputs_and_casts_only_the_layers_that_cast(
     model = nnx.merge(graphdef, params, rest)
     y = model(*args)
     cast = layers.cast_params_once(model)
-    return y, cast(*args), nnx.state(cast, nnx.Param)
+    return y, cast(*args), nnx.state(cast, nnx.Param), nnx.state(model, nnx.Param)
 
-  y, y_cast, cast_params = both(params)
+  y, y_cast, cast_params, model_params = both(params)
+  assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(model_params)), 'the model itself is left alone'
   assert float(jnp.abs(y.astype(jnp.float32)).max()) > 1e-3
   np.testing.assert_array_equal(np.asarray(y_cast, np.float32), np.asarray(y, np.float32))
   dtypes = {jax.tree_util.keystr(path): leaf.dtype
