@@ -17,6 +17,7 @@ from models.unet import UNet, UNetConfig
 from samplers.guidance import classifier_free_guidance
 from train import step as step_lib
 from train import text as text_lib
+from train import trainer
 from train.state import TrainState
 
 TINY_CLIP = os.path.join(os.path.dirname(__file__), 'fixtures', 'clip_tiny')
@@ -201,7 +202,7 @@ def test_text_model_through_main(tmp_path):
   """Train a tiny pixel-space text model on captioned MNIST with the frozen MiniLM (cached caption table), sample
   from a prompt, run the binding evaluation; a text setting without captions stops with an error naming it."""
   import json
-  from tests.helpers import main_py
+  from tests.helpers import main_py, tiny_config
   workdir = str(tmp_path / 'text')
   args = ['--config.data.dataset=mnist_captions', '--config.data.split=test[:64]', '--config.text.encoder=minilm',
           '--config.text.max_length=12', '--config.model.num_heads=2', '--config.training.label_dropout=0.2',
@@ -230,7 +231,5 @@ def test_text_model_through_main(tmp_path):
   assert sum('binding (mnist_captions)' in l for l in proc.stdout.splitlines()) == 2
 
   # in process (main.py prints any ValueError as one line: tests/test_main.py)
-  from tests.helpers import tiny_config
-  from train import trainer
   with pytest.raises(ValueError, match='needs captions'):
     trainer.train(tiny_config('--config.text.encoder=minilm'), str(tmp_path / 'nocaptions'))
