@@ -93,10 +93,26 @@ def _normalized(xg: Array, mean: Array, rstd: Array, scale: Array, bias: Array) 
   return xhat * scale.reshape(xg.shape[2:]) + bias.reshape(xg.shape[2:]), xhat
 
 
+def _group_sum(a: Array) -> Array:
+  """Sum of [B, N, G, Cg] over positions and each group's channels -> [B, 1, G, 1].
+
+  XLA:GPU splits a reduction over the non-adjacent axes 1 and 3 in two kernels and computes the statistics in a
+  third. Summed over positions first and over the group's channels as Cg elementwise adds (up to 32 channels per
+  group: the U-Nets have 4 to 16), the channel sum joins the statistics' kernel: one kernel fewer per sum
+  (bench/gpu_program.py), and the reduction still reads the layer's input in its own shape, so XLA can still fuse
+  it with the producer of that input (a skip connection's concatenation)."""
+  if a.shape[3] > 32:
+    return jnp.sum(a, axis=(1, 3), keepdims=True)
+  # The barrier keeps XLA from moving the slices into the reduction (Cg reductions of slices, chained kernels).
+  a = jax.lax.optimization_barrier(jnp.sum(a, axis=1, keepdims=True))  # [B, 1, G, Cg]
+  return functools.reduce(jnp.add, [a[..., j:j + 1] for j in range(a.shape[3])])
+
+
 def _group_norm_fwd(x, scale, bias, groups, eps, silu):
   xg = _grouped(x, groups)
-  mean = jnp.mean(xg, axis=(1, 3), keepdims=True)  # [B, 1, G, 1]
-  var = jnp.maximum(jnp.mean(jnp.square(xg), axis=(1, 3), keepdims=True) - jnp.square(mean), 0.0)
+  n = xg.shape[1] * xg.shape[3]
+  mean = _group_sum(xg) / n  # [B, 1, G, 1]
+  var = jnp.maximum(_group_sum(jnp.square(xg)) / n - jnp.square(mean), 0.0)
   rstd = jax.lax.rsqrt(var + eps)
   z, _ = _normalized(xg, mean, rstd, scale, bias)
   y = z * jax.nn.sigmoid(z) if silu else z

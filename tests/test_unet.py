@@ -183,13 +183,14 @@ def test_upsample_nearest_is_resize_nearest_without_a_scatter_in_its_gradient():
   assert 'scatter' in str(jax.make_jaxpr(grad(ref))(x))
 
 
-@pytest.mark.parametrize('shape,groups', [((3, 5, 4, 16), 4), ((2, 7, 12), 3)])
+@pytest.mark.parametrize('shape,groups', [((3, 5, 4, 16), 4), ((2, 7, 12), 3), ((2, 3, 3, 66), 1)])  # 4, 4, 66 wide
 @pytest.mark.parametrize('silu', [False, True])
 @pytest.mark.parametrize('written', [True, False])
 def test_group_norm_matches_flax_in_value_and_gradient(shape, groups, silu, written, monkeypatch):
   """layers.GroupNorm (float32 statistics; the written backward pass of GPUs, or autodiff) equals nnx.GroupNorm
   (+ SiLU) under autodiff: outputs and the gradients of x, scale and bias, in float32; in bfloat16 up to its
-  rounding."""
+  rounding. Narrow groups take the written statistics' channel sum as elementwise adds, the 66-wide group the plain
+  sum (layers._group_sum)."""
   monkeypatch.setattr(layers, '_written_backward', lambda: written)
   c = shape[-1]
   ours = layers.GroupNorm(c, groups, 1e-6, rngs=nnx.Rngs(0))
