@@ -146,7 +146,7 @@ def device_programs():
   sampling = functools.cache(lambda network, dtype: sample_throughput.programs(network, dtype, 256)[0])  # built once
   for network in sample_throughput.NETWORKS:
     for dtype in ('bfloat16', 'float32'):
-      for label in ('denoiser_forward', 'ddim50', 'dpm_solver++2m_20'):
+      for label in ('denoiser_forward', 'denoiser_forward_cast_once', 'ddim50', 'dpm_solver++2m_20'):
         out.append((f'sample {network} {dtype} {label}', lambda n=network, d=dtype, l=label: sampling(n, d)[l]))
   for label, (dtype, precision) in fid_throughput.NUMERICS.items():
     def fid(dtype=dtype, precision=precision):

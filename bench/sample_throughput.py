@@ -10,8 +10,11 @@ Two networks, random weights:
 End to end: prior noise -> jitted sampler loop (lax.fori_loop, no host sync per step) -> uint8 images on the
 device, at batch 256. Prints one JSON line per (network, what, dtype): img_per_s (median over timed calls, each
 waited for), ms per call, compile_s, and the parameter counts of the parts; the forward also ms_back_to_back
-(calls queued without a wait, as peer_pytorch.py times its forward). The PyTorch peer is bench/peer_sampling.py
-(diffusers, torch.compile + bf16 autocast, the same architectures), run in the same device call.
+(calls queued without a wait, as peer_pytorch.py times its forward). Two forward rows: `denoiser_forward` casts the
+float32 parameters to the compute dtype in each call, as the peer's autocast does (the comparable row);
+`denoiser_forward_cast_once` is the network as the samplers run it, parameters cast once per sampling call. The
+PyTorch peer is bench/peer_sampling.py (diffusers, torch.compile + bf16 autocast, the same architectures), run in
+the same device call.
 
   python bench/sample_throughput.py [--network ddpm_cifar10 ldm_text] [--batch 256] [--dtype bfloat16 float32]
       [--calls 10] [--nf 128]
@@ -33,6 +36,7 @@ from flax import nnx  # noqa: E402
 
 from configs.cifar10 import ddpm  # noqa: E402
 from configs.composed import ldm_text_minilm, vae_f4  # noqa: E402
+from models import layers  # noqa: E402
 from models import text as text_models  # noqa: E402
 from models.vae import AutoencoderKL  # noqa: E402
 from train import generate, latent, trainer  # noqa: E402
@@ -123,6 +127,13 @@ def programs(network: str, dtype: str, batch: int, nf: int = 128) -> tuple[dict,
   x = jax.random.normal(jax.random.key(0), shape)
   t = jax.random.uniform(jax.random.key(1), (batch,)) * 999.0
   out = {'denoiser_forward': (forward, (state.ema_params, state.buffers, x, t, cond))}
+  # The network as a sampler's loop runs it: conv / dense parameters cast to the compute dtype once per sampling
+  # call (layers.cast_params_once in train/generate), here once before the timed calls; the row above casts in
+  # every call, as the peer's autocast does.
+  cast_graphdef, cast_params, cast_buffers = nnx.split(
+      layers.cast_params_once(nnx.merge(graphdef, state.ema_params, state.buffers)), nnx.Param, ...)
+  forward_cast = jax.jit(lambda p, b, x, t, c: nnx.merge(cast_graphdef, p, b)(x, t, c))
+  out['denoiser_forward_cast_once'] = (forward_cast, (cast_params, cast_buffers, x, t, cond))
   ddim_spacing = 'leading' if config.process.name == 'ddpm' else 'linspace'  # diffusers' DDIM default / continuous t
   for label, overrides in (('ddim50', dict(sampler='ddim', num_steps=50, eta=0.0, spacing=ddim_spacing)),
                            ('dpm_solver++2m_20', dict(sampler='dpm_solver', num_steps=20, order=2,
@@ -137,11 +148,12 @@ def programs(network: str, dtype: str, batch: int, nf: int = 128) -> tuple[dict,
 def run(network: str, dtype: str, batch: int, calls: int, nf: int) -> None:
   progs, parts, guidance = programs(network, dtype, batch, nf)
   common = dict(network=network, impl=f'ours jax {dtype}', batch=batch)
-  forward, args = progs.pop('denoiser_forward')
-  first, s = timed(forward, args, calls * 4)
-  emit(what='denoiser_forward', **common, img_per_s=round(batch / s, 1), ms=round(s * 1e3, 2),
-       ms_back_to_back=round(back_to_back(forward, args, calls * 4) * 1e3, 2), compile_s=round(first, 1),
-       params=parts)
+  for what in ('denoiser_forward', 'denoiser_forward_cast_once'):
+    forward, args = progs.pop(what)
+    first, s = timed(forward, args, calls * 4)
+    emit(what=what, **common, img_per_s=round(batch / s, 1), ms=round(s * 1e3, 2),
+         ms_back_to_back=round(back_to_back(forward, args, calls * 4) * 1e3, 2), compile_s=round(first, 1),
+         params=parts)
   for label, (gen, args) in progs.items():
     first, s = timed(gen, args, calls)
     images, nfe = gen(*args)
@@ -155,7 +167,8 @@ def main():
   parser.add_argument('--batch', type=int, default=256)
   parser.add_argument('--dtype', nargs='+', default=['bfloat16', 'float32'])
   parser.add_argument('--calls', type=int, default=10, help='timed sampler calls (median); forward: 4x')
-  parser.add_argument('--nf', type=int, default=128, help='ddpm_cifar10: 128 is the DDPM network; smaller for smoke tests')
+  parser.add_argument('--nf', type=int, default=128,
+                      help='ddpm_cifar10: 128 is the DDPM network; smaller for smoke tests')
   args = parser.parse_args()
   emit(what='device', device=str(jax.devices()[0]), jax=jax.__version__)
   for network in args.network:
