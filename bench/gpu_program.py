@@ -10,7 +10,8 @@ removes kernels or bytes can be checked before the next GPU session measures it.
 
 Limits: no autotuning happens without a device (XLA's default fusion and convolution choices stand, as with
 --xla_gpu_autotune_level=0), bytes count each kernel's operands and outputs once (the L2 cache may serve some),
-and only the top-level program is read (one step per call: --steps_per_call 1).
+and the training step is read at the top level (one step per call: --steps_per_call 1); --preflight also counts
+the kernels of each while loop's body, which run once per iteration (a sampler's network evaluation).
 
 Needs jax's CUDA plugin of the same version as jax (`pip install "jax[cuda12]==<jax version>"`), no GPU:
   python bench/gpu_program.py [--target h100|h200] [--dtype bfloat16] [--batch 512] [--variant 'a.b=v']
@@ -68,12 +69,14 @@ def shape_bytes(text: str) -> int:
              for dt, dims in _SHAPE.findall(text) if dt in _DTYPE_BYTES)
 
 
-def kernels(hlo_text: str) -> list[dict]:
-  """The kernels of the program's entry computation, in order: name, kind, bytes read + written, JAX origin."""
-  entry = hlo_text[hlo_text.index('\nENTRY'):]
-  entry = entry[entry.index('\n', 1) + 1:entry.index('\n}')]
+def kernels(hlo_text: str, computation: str | None = None) -> list[dict]:
+  """The kernels of the program's entry computation (or of the named one, e.g. a loop body), in order: name, kind,
+  bytes read + written, JAX origin."""
+  start = hlo_text.index('\nENTRY') if computation is None else hlo_text.index(f'\n%{computation} ')
+  body = hlo_text[start:]
+  body = body[body.index('\n', 1) + 1:body.index('\n}')]
   shapes, out = {}, []
-  for line in entry.splitlines():
+  for line in body.splitlines():
     m = _KERNEL.match(line)
     if not m:
       continue
@@ -93,6 +96,14 @@ def kernels(hlo_text: str) -> list[dict]:
     out.append({'name': name, 'kind': kind, 'bytes': read + shape_bytes(result),
                 'origin': origin.group(1) if origin else ''})
   return out
+
+
+def loop_bodies(hlo_text: str) -> list[str]:
+  """Names of the body computations of the entry's while loops (a sampler's loop, several steps per call): their
+  kernels run once per iteration, which the entry's count does not show."""
+  entry = hlo_text[hlo_text.index('\nENTRY'):]
+  entry = entry[:entry.index('\n}')]
+  return re.findall(r'= .*? while\(.*?body=%([\w.\-]+)', entry)
 
 
 def summarize(ks: list[dict], bandwidth: float, flops: float | None, peak_flops: float, top: int) -> dict:
@@ -158,7 +169,8 @@ def device_programs():
 
 def preflight(target: str, only: str = '') -> bool:
   """Compiles every program of the device run (those whose name contains `only`) for `target`; prints a JSON
-  line each (compiled or the error, kernels of the top-level program, compile seconds); True if all compile.
+  line each (compiled or the error, kernels of the top-level program and of each loop body per iteration, compile
+  seconds); True if all compile.
   XLA:GPU compile errors (e.g. openxla/xla#49299, which cost an H100 session's sampling rows) show here."""
   ok = True
   for name, build in device_programs():
@@ -168,7 +180,9 @@ def preflight(target: str, only: str = '') -> bool:
     try:
       fn, args = build()
       _, compiled = compile_for(target, fn, *args)
-      line = {'program': name, 'compiled': True, 'kernels': len(kernels(compiled.as_text()))}
+      text = compiled.as_text()
+      line = {'program': name, 'compiled': True, 'kernels': len(kernels(text)),
+              'loop_body_kernels': [len(kernels(text, body)) for body in loop_bodies(text)]}
     except Exception as e:  # noqa: BLE001 (report every program, then fail)
       ok, line = False, {'program': name, 'compiled': False, 'err': repr(e)[:400]}
     print(json.dumps({**line, 'target': target, 'seconds': round(time.perf_counter() - t0, 1)}), flush=True)

@@ -90,6 +90,21 @@ def test_gpu_program_counts_each_kernels_bytes():
   assert summary['compute_bound_ms'] == 1.0 and sum(r['kernels'] for r in summary['per_kind']) == len(ks)
 
 
+def test_gpu_program_counts_a_loop_bodys_kernels_per_iteration():
+  """bench/gpu_program.py finds the entry's while loops (a sampler's fori_loop) and counts the kernels of each body,
+  which run once per iteration (here on the CPU's program: a 10-step loop of an elementwise update and a sum)."""
+  from bench import gpu_program
+  x = jnp.ones((1000, 500), jnp.float32)
+  body = lambda i, x: x * 0.5 + jnp.sum(x, axis=1, keepdims=True) * 1e-3
+  text = jax.jit(lambda x: jax.lax.fori_loop(0, 10, body, jnp.exp(x))).lower(x).compile().as_text()
+  bodies = gpu_program.loop_bodies(text)
+  assert len(bodies) == 1
+  ks = gpu_program.kernels(text, bodies[0])
+  # the sum over x (2 MB read) and the update (x read again, 2 MB written): at least 6 MB per iteration
+  assert ks and sum(k['bytes'] for k in ks) >= 6_000_000
+  assert not gpu_program.loop_bodies(jax.jit(jnp.exp).lower(x).compile().as_text())
+
+
 def test_profile_of_a_trace_without_op_events_says_what_the_trace_holds(tmp_path):
   """A trace with no XLA op events (as a GPU machine without kernel tracing gives) is an error naming the
   trace's planes, not an empty summary."""
