@@ -206,7 +206,7 @@ def main():
   # The programs are for a GPU; this host's backend is the CPU: make the model's GPU choices.
   host_check = layers.check_attention
   layers.check_attention = lambda a: a if a in layers.ATTENTION else host_check(a)  # unknown names still fail
-  layers._written_backward = lambda: True
+  layers._for_xla_gpu = lambda: True
   if args.preflight is not None:
     sys.exit(0 if preflight(args.target, args.preflight) else 1)
   fn, state, batches = train_throughput.build_step(args.dtype, args.batch, 1, nf=args.nf, variant=args.variant)

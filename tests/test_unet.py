@@ -57,6 +57,32 @@ def test_output_shape_dtype_and_conditioning(options):
     assert float(jnp.abs(y3[0] - y[0]).max()) > 1e-3
 
 
+@pytest.mark.parametrize('resblock_type', ['ddpm', 'biggan'])
+def test_program_shaped_for_xla_gpu_computes_the_same_function(resblock_type, monkeypatch):
+  """The U-Net as shaped for XLA:GPU (layers._for_xla_gpu: GroupNorm's written backward pass and statistics,
+  ResBlock's barrier before the embedding add) gives the CPU program's outputs and parameter gradients, in float32;
+  the barriers are in its program and not in the CPU's."""
+  model = UNet(UNetConfig(**{**TINY, 'dropout': 0.0, 'resblock_type': resblock_type}), rngs=nnx.Rngs(0))
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  params = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(jax.random.key(p.size), p.shape), params)
+  x = jax.random.normal(jax.random.key(1), (2, 16, 16, 3))
+  t = jnp.array([0.3, 4.0])
+  results = {}
+  for gpu in (False, True):
+    monkeypatch.setattr(layers, '_for_xla_gpu', lambda gpu=gpu: gpu)
+    loss = lambda params: jnp.sum(nnx.merge(graphdef, params, rest)(x, t) ** 2)  # new each time: traced again
+    results[gpu] = jax.jit(jax.value_and_grad(loss))(params), str(jax.make_jaxpr(loss)(params))
+  (value, grads), text = results[True]
+  (value_ref, grads_ref), text_ref = results[False]
+  np.testing.assert_allclose(value, value_ref, rtol=1e-5)
+  # one scale for all leaves: the attention's key bias has an exactly zero gradient (softmax ignores a shift shared
+  # by all keys), so its own scale is float noise
+  scale = max(float(jnp.max(jnp.abs(b))) for b in jax.tree.leaves(grads_ref))
+  for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_ref)):
+    np.testing.assert_allclose(a / scale, b / scale, rtol=1e-5, atol=1e-5)
+  assert text.count('optimization_barrier') >= 2 * TINY['num_res_blocks'] and 'optimization_barrier' not in text_ref
+
+
 def test_cast_params_once_keeps_the_outputs_and_casts_only_the_layers_that_cast():
   """A bfloat16 class-conditional network with its conv / dense / embedding parameters cast once
   (layers.cast_params_once, what samplers run) computes exactly what it computes with float32 parameters cast in
@@ -191,7 +217,7 @@ def test_group_norm_matches_flax_in_value_and_gradient(shape, groups, silu, writ
   (+ SiLU) under autodiff: outputs and the gradients of x, scale and bias, in float32; in bfloat16 up to its
   rounding. Narrow groups take the written statistics' channel sum as elementwise adds, the 66-wide group the plain
   sum (layers._group_sum)."""
-  monkeypatch.setattr(layers, '_written_backward', lambda: written)
+  monkeypatch.setattr(layers, '_for_xla_gpu', lambda: written)
   c = shape[-1]
   ours = layers.GroupNorm(c, groups, 1e-6, rngs=nnx.Rngs(0))
   ref = nnx.GroupNorm(c, num_groups=groups, epsilon=1e-6, dtype=jnp.float32, rngs=nnx.Rngs(0))
