@@ -178,6 +178,16 @@ def _for_xla_gpu() -> bool:
   return jax.default_backend() == 'gpu'
 
 
+@jax.custom_vjp
+def _forward_barrier(x: Array) -> Array:
+  """An optimization barrier in the forward pass only: the gradient passes as it is, so XLA may still share its
+  uses (e.g. one reduction for a convolution's bias gradient and an embedding's)."""
+  return jax.lax.optimization_barrier(x)
+
+
+_forward_barrier.defvjp(lambda x: (jax.lax.optimization_barrier(x), None), lambda _, g: (g,))
+
+
 ATTENTION = ('xla', 'cudnn', 'pallas')
 
 
@@ -334,7 +344,7 @@ class ResBlock(nnx.Module):
       # XLA:GPU would make the embedding's add the convolution's cuDNN side input, written out broadcast to
       # [B, H, W, C] first (a kernel and 2 x the activation's bytes per block); behind the barrier the add joins
       # norm2's kernels (bench/gpu_program.py).
-      h = jax.lax.optimization_barrier(h)
+      h = _forward_barrier(h)
     h = h + self.temb_proj(temb)[:, None, None, :]
     h = self.norm2(h, silu=True)
     h = self.dropout(h, deterministic=not train, rngs=rngs)
