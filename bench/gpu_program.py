@@ -60,7 +60,9 @@ _DTYPE_BYTES = {'pred': 1, 's8': 1, 'u8': 1, 'bf16': 2, 'f16': 2, 's16': 2, 'u16
                 'u32': 4, 'f64': 8, 's64': 8, 'u64': 8}
 _SHAPE = re.compile(r'\b(pred|[suf]\d+|bf16)\[([\d,]*)\]')
 _KERNEL = re.compile(r'^\s*(?:ROOT\s+)?%([\w.\-]+) = (.*?) ([a-z][\w\-]*)\((.*?)\)(, .*)?$')
-_NOT_KERNELS = {'parameter', 'constant', 'bitcast', 'get-tuple-element', 'tuple', 'after-all', 'partition-id'}
+# A while loop is no kernel: its body's kernels run once per iteration (loop_bodies); its operands are not traffic.
+_NOT_KERNELS = {'parameter', 'constant', 'bitcast', 'get-tuple-element', 'tuple', 'after-all', 'partition-id',
+                'while'}
 
 
 def shape_bytes(text: str) -> int:
@@ -206,7 +208,7 @@ def main():
   # The programs are for a GPU; this host's backend is the CPU: make the model's GPU choices.
   host_check = layers.check_attention
   layers.check_attention = lambda a: a if a in layers.ATTENTION else host_check(a)  # unknown names still fail
-  layers._for_xla_gpu = lambda: True
+  layers.for_xla_gpu = lambda: True
   if args.preflight is not None:
     sys.exit(0 if preflight(args.target, args.preflight) else 1)
   fn, state, batches = train_throughput.build_step(args.dtype, args.batch, 1, nf=args.nf, variant=args.variant)

@@ -69,7 +69,7 @@ class GroupNorm(nnx.GroupNorm):
     super().__init__(channels, num_groups=num_groups, epsilon=epsilon, dtype=jnp.float32, rngs=rngs)
 
   def __call__(self, x: Array, *, silu: bool = False, dtype=None) -> Array:
-    if _for_xla_gpu():
+    if for_xla_gpu():
       y = group_norm_act(x, self.scale[...], self.bias[...], self.num_groups, self.epsilon, silu)
     else:
       y = super().__call__(x)
@@ -169,10 +169,11 @@ def group_norm_act(x: Array, scale: Array, bias: Array, groups: int, eps: float,
 group_norm_act.defvjp(_group_norm_fwd, _group_norm_bwd)
 
 
-def _for_xla_gpu() -> bool:
+def for_xla_gpu() -> bool:
   """Whether to shape the program for XLA:GPU: GroupNorm runs group_norm_act (its written backward pass), which
-  saves memory traffic there, and ResBlock keeps its embedding add out of the convolution (a cuDNN side input that
-  XLA:GPU materializes). The CPU is compute-bound here and recomputing costs more than it saves (the README's MNIST
+  saves memory traffic there, ResBlock keeps its embedding add out of the convolution (a cuDNN side input that
+  XLA:GPU materializes), and several training steps per call pin their carried state's layout
+  (train/step.multi_step). The CPU is compute-bound here and recomputing costs more than it saves (the README's MNIST
   model, one training step at batch 32 on 2 cores: 161 ms with the written backward pass, 129 ms with flax's
   GroupNorm), and has no side inputs to avoid."""
   return jax.default_backend() == 'gpu'
@@ -340,7 +341,7 @@ class ResBlock(nnx.Module):
     if self.up or self.down:
       h, x = self._resample(h), self._resample(x)
     h = self.conv1(h)
-    if _for_xla_gpu():
+    if for_xla_gpu():
       # XLA:GPU would make the embedding's add the convolution's cuDNN side input, written out broadcast to
       # [B, H, W, C] first (a kernel and 2 x the activation's bytes per block); behind the barrier the add joins
       # norm2's kernels (bench/gpu_program.py).

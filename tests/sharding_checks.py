@@ -131,6 +131,35 @@ def check_data_parallel_and_fsdp():
   print("all-gathers of replicated parameters' shapes", gathers)
   print('data parallel (with gradient accumulation) and FSDP equal one device; largest kernel', big.shape,
         big.sharding.spec)
+  check_pinned_carry_under_fsdp()
+
+
+def check_pinned_carry_under_fsdp():
+  """Several steps per call as shaped for XLA:GPU (train/step.multi_step pins the carried state to row-major
+  layouts) on state sharded along 'fsdp': the layout constraints partition, and the result is one device's."""
+  from models import layers
+  layers.for_xla_gpu = lambda: True
+  mesh = sharding.make_mesh((2, 4))
+  state = {'kernel': np.arange(3 * 3 * 8 * 16, dtype=np.float32).reshape(3, 3, 8, 16),
+           'moment': np.ones((3, 3, 8, 16), np.float32)}
+
+  def one(s, batch, frozen=None):
+    kernel = s['kernel'] - 0.1 * batch['x'] * s['moment']
+    return {'kernel': kernel, 'moment': 0.9 * s['moment'] + kernel}, {'m': kernel.sum()}
+
+  data = {'x': np.linspace(0.5, 2.0, 3 * 16, dtype=np.float32).reshape(3, 1, 1, 1, 16)}
+  split = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, None, None, 'fsdp'))
+  shard = {k: split for k in state}
+  fn = jax.jit(step_lib.multi_step(one, 3), in_shardings=(shard, sharding.replicated(mesh)),
+               out_shardings=(shard, sharding.replicated(mesh)))
+  placed = jax.device_put(state, shard)
+  assert fn.lower(placed, data).as_text().count('@LayoutConstraint') == 2
+  out, metrics = fn(placed, data)
+  ref, ref_metrics = jax.jit(step_lib.multi_step(one, 3))(state, data)
+  assert out['kernel'].sharding.spec == split.spec
+  assert_close(out, ref)
+  assert_close(metrics, ref_metrics)
+  print('several steps per call with the carry pinned to row-major, FSDP-sharded, equal one device')
 
 
 def check_checkpoint_across_meshes(workdir):

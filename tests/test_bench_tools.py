@@ -102,6 +102,7 @@ def test_gpu_program_counts_a_loop_bodys_kernels_per_iteration():
   ks = gpu_program.kernels(text, bodies[0])
   # the sum over x (2 MB read) and the update (x read again, 2 MB written): at least 6 MB per iteration
   assert ks and sum(k['bytes'] for k in ks) >= 6_000_000
+  assert 'while' not in {k['kind'] for k in gpu_program.kernels(text)}  # the loop itself is no kernel
   assert not gpu_program.loop_bodies(jax.jit(jnp.exp).lower(x).compile().as_text())
 
 

@@ -122,6 +122,31 @@ def test_tiny_unet_overfits_one_batch(process_name, prediction, weighting, facto
   assert after < before / factor, (before, after)
 
 
+@pytest.mark.parametrize('gpu', [False, True])
+def test_fused_steps_pin_the_carried_state_to_row_major_on_xla_gpu(gpu, monkeypatch):
+  """Shaped for XLA:GPU, the scan's body constrains every carried array to the call's row-major layout (so that
+  the convolution kernels are not carried transposed); the constraint leaves the values alone."""
+  from models import layers
+  monkeypatch.setattr(layers, 'for_xla_gpu', lambda: gpu)
+  state = {'kernel': jnp.arange(96.0).reshape(2, 3, 4, 4), 'moment': jnp.ones((2, 3, 4, 4)), 'step': jnp.int32(0)}
+
+  def one(s, batch, frozen=None):
+    kernel = s['kernel'] - 0.1 * batch['x'] * s['moment']
+    return {'kernel': kernel, 'moment': 0.9 * s['moment'] + kernel, 'step': s['step'] + 1}, {'m': kernel.sum()}
+
+  batches = {'x': jnp.linspace(0.5, 2.0, 3 * 4).reshape(3, 4)[:, None, None, :]}
+  fused = jax.jit(step_lib.multi_step(one, 3))
+  constraints = fused.lower(state, batches).as_text().count('@LayoutConstraint')
+  assert constraints == (3 if gpu else 0)
+  fused_state, metrics = fused(state, batches)
+  s = state
+  for i in range(3):
+    s, m = one(s, {'x': batches['x'][i]})
+    np.testing.assert_allclose(metrics['m'][i], m['m'], rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(fused_state), jax.tree.leaves(s)):
+    np.testing.assert_allclose(a, b, rtol=1e-6)
+
+
 def test_fused_steps_and_ema_equal_single_steps():
   """Also the EMAs: the constant-decay one is the bias-corrected average of the steps' parameters, weights
   (1 - d) d^(t - tau) / (1 - d^t), none on the initialization; the post-hoc EMA profile is the power-function

@@ -59,7 +59,7 @@ def test_output_shape_dtype_and_conditioning(options):
 
 @pytest.mark.parametrize('resblock_type', ['ddpm', 'biggan'])
 def test_program_shaped_for_xla_gpu_computes_the_same_function(resblock_type, monkeypatch):
-  """The U-Net as shaped for XLA:GPU (layers._for_xla_gpu: GroupNorm's written backward pass and statistics,
+  """The U-Net as shaped for XLA:GPU (layers.for_xla_gpu: GroupNorm's written backward pass and statistics,
   ResBlock's barrier before the embedding add) gives the CPU program's outputs and parameter gradients, in float32;
   the barriers are in its program and not in the CPU's."""
   model = UNet(UNetConfig(**{**TINY, 'dropout': 0.0, 'resblock_type': resblock_type}), rngs=nnx.Rngs(0))
@@ -69,7 +69,7 @@ def test_program_shaped_for_xla_gpu_computes_the_same_function(resblock_type, mo
   t = jnp.array([0.3, 4.0])
   results = {}
   for gpu in (False, True):
-    monkeypatch.setattr(layers, '_for_xla_gpu', lambda gpu=gpu: gpu)
+    monkeypatch.setattr(layers, 'for_xla_gpu', lambda gpu=gpu: gpu)
     loss = lambda params: jnp.sum(nnx.merge(graphdef, params, rest)(x, t) ** 2)  # new each time: traced again
     results[gpu] = jax.jit(jax.value_and_grad(loss))(params), str(jax.make_jaxpr(loss)(params))
   (value, grads), text = results[True]
@@ -217,7 +217,7 @@ def test_group_norm_matches_flax_in_value_and_gradient(shape, groups, silu, writ
   (+ SiLU) under autodiff: outputs and the gradients of x, scale and bias, in float32; in bfloat16 up to its
   rounding. Narrow groups take the written statistics' channel sum as elementwise adds, the 66-wide group the plain
   sum (layers._group_sum)."""
-  monkeypatch.setattr(layers, '_for_xla_gpu', lambda: written)
+  monkeypatch.setattr(layers, 'for_xla_gpu', lambda: written)
   c = shape[-1]
   ours = layers.GroupNorm(c, groups, 1e-6, rngs=nnx.Rngs(0))
   ref = nnx.GroupNorm(c, num_groups=groups, epsilon=1e-6, dtype=jnp.float32, rngs=nnx.Rngs(0))
