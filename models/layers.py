@@ -172,10 +172,10 @@ group_norm_act.defvjp(_group_norm_fwd, _group_norm_bwd)
 def for_xla_gpu() -> bool:
   """Whether to shape the program for XLA:GPU: GroupNorm runs group_norm_act (its written backward pass), which
   saves memory traffic there, ResBlock keeps its embedding add out of the convolution (a cuDNN side input that
-  XLA:GPU materializes), and several training steps per call pin their carried state's layout
-  (train/step.multi_step). The CPU is compute-bound here and recomputing costs more than it saves (the README's MNIST
-  model, one training step at batch 32 on 2 cores: 161 ms with the written backward pass, 129 ms with flax's
-  GroupNorm), and has no side inputs to avoid."""
+  XLA:GPU materializes), and the training step writes convolution kernels' gradients out row-major and pins the
+  layout of the state it carries through several steps per call (train/step). The CPU is compute-bound here and
+  recomputing costs more than it saves (the README's MNIST model, one training step at batch 32 on 2 cores: 161 ms
+  with the written backward pass, 129 ms with flax's GroupNorm), and has no side inputs to avoid."""
   return jax.default_backend() == 'gpu'
 
 

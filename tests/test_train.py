@@ -147,6 +147,26 @@ def test_fused_steps_pin_the_carried_state_to_row_major_on_xla_gpu(gpu, monkeypa
     np.testing.assert_allclose(a, b, rtol=1e-6)
 
 
+def test_kernel_gradients_go_behind_a_barrier_on_xla_gpu_only(monkeypatch):
+  """apply_gradients writes a convolution kernel's (4-D) gradient out row-major behind an optimization barrier on
+  XLA:GPU only (step._in_param_layout); the updated state is the same either way."""
+  from models import layers
+  from train.state import TrainState
+  params = {'kernel': jnp.linspace(-1.0, 1.0, 96).reshape(2, 3, 4, 4), 'bias': jnp.zeros((4,))}
+  grads = {'kernel': jnp.cos(3.0 * params['kernel']), 'bias': jnp.ones((4,))}
+  tx = optax.adam(1e-2)
+  state = TrainState.create(params, {}, tx)
+  results = {}
+  for gpu in (False, True):
+    monkeypatch.setattr(layers, 'for_xla_gpu', lambda gpu=gpu: gpu)
+    apply = lambda state, grads: step_lib.apply_gradients(state, jnp.float32(1.0), grads, tx, 0.9)  # traced anew
+    results[gpu] = str(jax.make_jaxpr(apply)(state, grads)).count('optimization_barrier'), jax.jit(apply)(state, grads)
+  assert results[False][0] == 0 and results[True][0] == 1
+  for a, b in zip(jax.tree.leaves(results[True][1]), jax.tree.leaves(results[False][1]), strict=True):
+    np.testing.assert_array_equal(a, b)
+  assert float(jnp.abs(results[True][1][0].params['kernel'] - params['kernel']).max()) > 1e-3  # it did update
+
+
 def test_fused_steps_and_ema_equal_single_steps():
   """Also the EMAs: the constant-decay one is the bias-corrected average of the steps' parameters, weights
   (1 - d) d^(t - tau) / (1 - d^t), none on the initialization; the post-hoc EMA profile is the power-function

@@ -79,9 +79,10 @@ def _in_param_layout(grad: jax.Array, sharding) -> jax.Array:
   gradient-norm updates, which it then splits in two fusions per array, copying the donated optimizer state for
   the second (bench/gpu_program.py, H200 description: 1,937 -> 1,678 kernels in the DDPM CIFAR-10 bf16 step at
   batch 128). The reshape to 1-D behind an optimization barrier cannot become a bitcast, so XLA writes the
-  gradient out once in row-major order. Only for replicated kernels: flattening an FSDP-sharded one would move it
-  across devices."""
-  if grad.ndim != 4 or (sharding is not None and not sharding.is_fully_replicated):
+  gradient out once in row-major order. Only for replicated kernels (flattening an FSDP-sharded one would move it
+  across devices) and only on XLA:GPU (elsewhere the reshape may be a real relayout: TPU layouts are tiled)."""
+  if (grad.ndim != 4 or (sharding is not None and not sharding.is_fully_replicated)
+      or not layers.for_xla_gpu()):
     return grad
   return jax.lax.optimization_barrier(grad.reshape(-1)).reshape(grad.shape)
 
