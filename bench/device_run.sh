@@ -16,8 +16,9 @@
 # peer     the PyTorch training peer with compiled batch 128 (PEER_QUICK=0), ~7 min
 # peer_quick  the PyTorch peer at batch 512 only (train eager and compiled, compiled forward, pytorch-fid), ~3.5 min
 # graphs   the bf16 step at batch 128 and 512 (1 and 4 steps per call) with XLA:GPU's command buffers (CUDA graphs)
-#          for fusions, cuBLAS, cuDNN and custom calls, from one kernel up: the remedy to try if the profile's
-#          idle_share says kernel launches bound the step (compare with the train rows), ~4 min
+#          for fusions, cuBLAS, cuDNN and custom calls from one command up (XLA's default: from 5 consecutive
+#          ones): to try if the profile's idle_share says kernel launches bound the step (compare with the train
+#          rows), ~4 min
 set -uo pipefail
 OUT=${OUT:-bench_out}; mkdir -p "$OUT"
 NETWORKS=${NETWORKS:-ddpm_cifar10 ldm_text}
