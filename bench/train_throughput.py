@@ -89,6 +89,17 @@ def build_step(dtype: str, batch: int, steps_per_call: int, image_size: int = 32
   return fn, state, {'image': images, 'label': np.zeros((steps_per_call, batch), np.int32)}
 
 
+def step_flops(lowered) -> float:
+  """FLOPs of one optimizer step, from the cost analysis of the program as lowered (before XLA:GPU turns
+  convolutions into cuDNN custom calls, which the compiled program's analysis does not count). With several steps
+  per call the analysis counts the scan's loop body once, so it is one step's count either way (asserted in
+  tests/test_bench_tools.py). jax 0.11 on GPUs returns None here: then the row's flops and MFU are null, and
+  RESULTS.md uses the CPU's count of the same lowered program."""
+  cost = lowered.cost_analysis()
+  cost = (cost[0] if isinstance(cost, (list, tuple)) else cost) or {}
+  return float(cost.get('flops', 0.0))
+
+
 def measure(dtype: str, batch: int, steps_per_call: int, timed_calls: int, image_size: int, nf: int,
             variant: str = 'base', profile_dir: str | None = None, hlo_dir: str | None = None) -> dict:
   fn, state, batches = build_step(dtype, batch, steps_per_call, image_size, nf, variant)
@@ -98,13 +109,7 @@ def measure(dtype: str, batch: int, steps_per_call: int, timed_calls: int, image
   lowered = fn.lower(state, batches)
   compiled = lowered.compile()
   compile_s = time.perf_counter() - t0
-  # FLOPs of the program as lowered (before XLA:GPU turns convolutions into cuDNN custom calls, which the
-  # compiled program's cost analysis does not count).
-  # jax 0.11 on GPUs returns None here: then the row's flops and MFU are null, and RESULTS.md uses the CPU's count
-  # of the same lowered program.
-  cost = lowered.cost_analysis()
-  cost = (cost[0] if isinstance(cost, (list, tuple)) else cost) or {}
-  flops = float(cost.get('flops', 0.0)) / steps_per_call  # per optimizer step
+  flops = step_flops(lowered)
 
   for _ in range(3):  # warm-up
     state, metrics = compiled(state, batches)

@@ -111,3 +111,14 @@ def test_profile_of_a_trace_without_op_events_says_what_the_trace_holds(tmp_path
   trace's planes, not an empty summary."""
   with pytest.raises(ValueError, match='no XLA op events.*/host:CPU'):
     profile_ops.profile(lambda: 0.0, 1, str(tmp_path), '')  # no device work
+
+
+def test_train_bench_counts_one_steps_flops_whatever_the_steps_per_call():
+  """bench/train_throughput.py's FLOPs per optimizer step are the same with one and with two steps per call (the
+  cost analysis counts the scan's body once; the bench divided by the steps per call before)."""
+  from bench import train_throughput
+  flops = {}
+  for k in (1, 2):
+    fn, state, batches = train_throughput.build_step('float32', 2, k, image_size=16, nf=32)
+    flops[k] = train_throughput.step_flops(fn.lower(state, batches))
+  assert flops[1] > 0 and flops[2] == pytest.approx(flops[1], rel=1e-3)
