@@ -138,7 +138,7 @@ def check_pinned_carry_under_fsdp():
   """Several steps per call as shaped for XLA:GPU (train/step.multi_step pins the carried state to row-major
   layouts) on state sharded along 'fsdp': the layout constraints partition, and the result is one device's."""
   from models import layers
-  layers.for_xla_gpu = lambda: True
+  gpu_shaping, layers.for_xla_gpu = layers.for_xla_gpu, lambda: True
   mesh = sharding.make_mesh((2, 4))
   state = {'kernel': np.arange(3 * 3 * 8 * 16, dtype=np.float32).reshape(3, 3, 8, 16),
            'moment': np.ones((3, 3, 8, 16), np.float32)}
@@ -153,9 +153,12 @@ def check_pinned_carry_under_fsdp():
   fn = jax.jit(step_lib.multi_step(one, 3), in_shardings=(shard, sharding.replicated(mesh)),
                out_shardings=(shard, sharding.replicated(mesh)))
   placed = jax.device_put(state, shard)
-  assert fn.lower(placed, data).as_text().count('@LayoutConstraint') == 2
-  out, metrics = fn(placed, data)
-  ref, ref_metrics = jax.jit(step_lib.multi_step(one, 3))(state, data)
+  try:
+    assert fn.lower(placed, data).as_text().count('@LayoutConstraint') == 2
+    out, metrics = fn(placed, data)
+    ref, ref_metrics = jax.jit(step_lib.multi_step(one, 3))(state, data)
+  finally:
+    layers.for_xla_gpu = gpu_shaping
   assert out['kernel'].sharding.spec == split.spec
   assert_close(out, ref)
   assert_close(metrics, ref_metrics)

@@ -117,8 +117,8 @@ def test_train_bench_counts_one_steps_flops_whatever_the_steps_per_call():
   """bench/train_throughput.py's FLOPs per optimizer step are the same with one and with two steps per call (the
   cost analysis counts the scan's body once; the bench divided by the steps per call before)."""
   from bench import train_throughput
-  flops = {}
+  flops, small = {}, 'model.ch_mult=(1,2),model.num_res_blocks=1,model.attn_resolutions=(4,)'
   for k in (1, 2):
-    fn, state, batches = train_throughput.build_step('float32', 2, k, image_size=16, nf=32)
+    fn, state, batches = train_throughput.build_step('float32', 2, k, image_size=8, nf=32, variant=small)
     flops[k] = train_throughput.step_flops(fn.lower(state, batches))
   assert flops[1] > 0 and flops[2] == pytest.approx(flops[1], rel=1e-3)

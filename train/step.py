@@ -207,8 +207,8 @@ def multi_step(step: Callable, steps_per_call: int) -> Callable:
   On XLA:GPU the scan's carried state is pinned to the call's row-major layout. Left free, layout assignment
   carries the convolution kernels, their Adam moments and EMAs in cuDNN's filter layout (O, H, W, I) and transposes
   all of them into it before the loop and back after it, and the loop body gains copies (bench/gpu_program.py, H200
-  description, bf16 batch 128, 4 steps per call: 524 kernels and 3.1 GB around the loop per call, 1,785 kernels per
-  step in the body against one step's 1,592; pinned: 3 around it, 1,592 per step).
+  description, bf16 batch 128, 4 steps per call: 523 kernels and 2.0 GB around the loop per call, 1,785 kernels per
+  step in the body against one step's 1,592; pinned: 2 small kernels around it, 1,592 per step).
   """
   if steps_per_call == 1:
     def single(state, batches, frozen=None):
