@@ -71,14 +71,18 @@ def shape_bytes(text: str) -> int:
              for dt, dims in _SHAPE.findall(text) if dt in _DTYPE_BYTES)
 
 
+def _instructions(hlo_text: str, computation: str | None = None) -> str:
+  """The instruction lines of the entry computation (or of the named one)."""
+  start = hlo_text.index('\nENTRY') if computation is None else hlo_text.index(f'\n%{computation} ')
+  body = hlo_text[start:]
+  return body[body.index('\n', 1) + 1:body.index('\n}')]
+
+
 def kernels(hlo_text: str, computation: str | None = None) -> list[dict]:
   """The kernels of the program's entry computation (or of the named one, e.g. a loop body), in order: name, kind,
   bytes read + written, JAX origin."""
-  start = hlo_text.index('\nENTRY') if computation is None else hlo_text.index(f'\n%{computation} ')
-  body = hlo_text[start:]
-  body = body[body.index('\n', 1) + 1:body.index('\n}')]
   shapes, out = {}, []
-  for line in body.splitlines():
+  for line in _instructions(hlo_text, computation).splitlines():
     m = _KERNEL.match(line)
     if not m:
       continue
@@ -103,9 +107,7 @@ def kernels(hlo_text: str, computation: str | None = None) -> list[dict]:
 def loop_bodies(hlo_text: str) -> list[str]:
   """Names of the body computations of the entry's while loops (a sampler's loop, several steps per call): their
   kernels run once per iteration, which the entry's count does not show."""
-  entry = hlo_text[hlo_text.index('\nENTRY'):]
-  entry = entry[:entry.index('\n}')]
-  return re.findall(r'= .*? while\(.*?body=%([\w.\-]+)', entry)
+  return re.findall(r'= .*? while\(.*?body=%([\w.\-]+)', _instructions(hlo_text))
 
 
 def summarize(ks: list[dict], bandwidth: float, flops: float | None, peak_flops: float, top: int) -> dict:
