@@ -20,7 +20,7 @@
 #          ones): to try if the profile's idle_share says kernel launches bound the step (compare with the train
 #          rows), ~4 min
 set -uo pipefail
-OUT=${OUT:-bench_out}; mkdir -p "$OUT"
+OUT=${OUT:-bench_out}; mkdir -p "$OUT"; OUT=$(cd "$OUT" && pwd)  # absolute: XLA writes into it
 NETWORKS=${NETWORKS:-ddpm_cifar10 ldm_text}
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
   && export PYTHONPATH=/tmp/site || exit 1
@@ -29,12 +29,17 @@ export PYTHONUNBUFFERED=1
 # across the steps of this call, so e.g. the profile's base row reuses the train row's compilation.
 export JAX_COMPILATION_CACHE_DIR=/tmp/jax_cache XLA_FLAGS="--xla_gpu_per_fusion_autotune_cache_dir=/tmp/xla_autotune"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/device.txt"
-# JSON lines to $OUT/<name>.log and the console; everything (warnings, tracebacks) to $OUT/raw.txt.
-run() { local name=$1 limit=$2; shift 2; timeout "$limit" "$@" 2>&1 | tee -a "$OUT/raw.txt" | grep '^{' | tee -a "$OUT/$name.log"; }
+# JSON lines to $OUT/<name>.log and the console; everything (warnings, tracebacks) to $OUT/raw.txt. XLA:GPU writes
+# its autotuning results (each convolution's, GEMM's and GEMM fusion's chosen kernel with its measured run time) to
+# $OUT/autotune_<name>.textproto: with the compiled programs of hlo.tar, bench/kernel_times.py says on the CPU what
+# those kernels take per step (the traces of the lent machines have held no kernel events). No device time.
+run() { local name=$1 limit=$2; shift 2
+        XLA_FLAGS="$XLA_FLAGS --xla_gpu_dump_autotune_results_to=$OUT/autotune_$name.textproto" \
+          timeout "$limit" "$@" 2>&1 | tee -a "$OUT/raw.txt" | grep '^{' | tee -a "$OUT/$name.log"; }
 for what in "${@:-all}"; do
   case $what in
     check|all) run check 120 python3 bench/gpu_checks.py ;;&
-    sample|all) run sample 240 python3 bench/sample_throughput.py --dtype bfloat16 --network $NETWORKS
+    sample|all) run sample 240 python3 bench/sample_throughput.py --dtype bfloat16 --network $NETWORKS --dump_hlo /tmp/hlo
                 run peer_sampling 300 python3 bench/peer_sampling.py --calls 3 --network $NETWORKS ;;&
     train|all) run train 300 python3 bench/train_throughput.py --dtype bfloat16 float32 --batch 128 512 ;;&
     train16) run train 260 python3 bench/train_throughput.py --dtype bfloat16 --batch 512 128 \

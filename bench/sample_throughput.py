@@ -17,10 +17,14 @@ PyTorch peer is bench/peer_sampling.py (diffusers, torch.compile + bf16 autocast
 the same device call.
 
   python bench/sample_throughput.py [--network ddpm_cifar10 ldm_text] [--batch 256] [--dtype bfloat16 float32]
-      [--calls 10] [--nf 128]
+      [--calls 10] [--nf 128] [--dump_hlo DIR]
+
+--dump_hlo writes the forward rows' compiled programs to DIR/<network>_<dtype>_<row>.hlo.txt.gz (for
+bench/kernel_times.py and bench/gpu_program.py's kernel counts).
 """
 
 import argparse
+import gzip
 import json
 import os
 import statistics
@@ -145,12 +149,16 @@ def programs(network: str, dtype: str, batch: int, nf: int = 128) -> tuple[dict,
   return out, parts, config.sample.guidance_scale if text else None
 
 
-def run(network: str, dtype: str, batch: int, calls: int, nf: int) -> None:
+def run(network: str, dtype: str, batch: int, calls: int, nf: int, hlo_dir: str | None = None) -> None:
   progs, parts, guidance = programs(network, dtype, batch, nf)
   common = dict(network=network, impl=f'ours jax {dtype}', batch=batch)
   for what in ('denoiser_forward', 'denoiser_forward_cast_once'):
     forward, args = progs.pop(what)
     first, s = timed(forward, args, calls * 4)
+    if hlo_dir:  # the program just timed (its compilation comes from the caches)
+      os.makedirs(hlo_dir, exist_ok=True)
+      with gzip.open(os.path.join(hlo_dir, f'{network}_{dtype}_{what}.hlo.txt.gz'), 'wt') as f:
+        f.write(forward.lower(*args).compile().as_text())
     emit(what=what, **common, img_per_s=round(batch / s, 1), ms=round(s * 1e3, 2),
          ms_back_to_back=round(back_to_back(forward, args, calls * 4) * 1e3, 2), compile_s=round(first, 1),
          params=parts)
@@ -169,12 +177,13 @@ def main():
   parser.add_argument('--calls', type=int, default=10, help='timed sampler calls (median); forward: 4x')
   parser.add_argument('--nf', type=int, default=128,
                       help='ddpm_cifar10: 128 is the DDPM network; smaller for smoke tests')
+  parser.add_argument('--dump_hlo', default=None, help="write the forward rows' compiled HLO (gzipped) here")
   args = parser.parse_args()
   emit(what='device', device=str(jax.devices()[0]), jax=jax.__version__)
   for network in args.network:
     for dtype in args.dtype:
       try:
-        run(network, dtype, args.batch, args.calls, args.nf)
+        run(network, dtype, args.batch, args.calls, args.nf, args.dump_hlo)
       except Exception as e:  # one failed configuration must not lose the others
         emit(what='sample_failed', network=network, impl=f'ours jax {dtype}', err=repr(e)[:300])
 

@@ -122,3 +122,137 @@ def test_train_bench_counts_one_steps_flops_whatever_the_steps_per_call():
     fn, state, batches = train_throughput.build_step('float32', 2, k, image_size=8, nf=32, variant=small)
     flops[k] = train_throughput.step_flops(fn.lower(state, batches))
   assert flops[1] > 0 and flops[2] == pytest.approx(flops[1], rel=1e-3)
+
+
+# An XLA:GPU program in the form of its optimized HLO dump (lines as in the H200 description's batch-128 step, cut
+# down): two forward convolutions of one shape, a filter gradient, a Triton GEMM fusion and a loop fusion.
+_PROGRAM = '''HloModule jit_single
+
+%gemm_fusion_dot.212_computation (parameter_0.2: bf16[128,512], parameter_1.2: bf16[512,4992]) -> bf16[128,4992] {
+  %parameter_0.2 = bf16[128,512]{1,0} parameter(0), metadata={scheduling_name="parameter_0.2"}
+  %parameter_1.2 = bf16[512,4992]{1,0} parameter(1), metadata={scheduling_name="parameter_1.2"}
+  ROOT %dot.340 = bf16[128,4992]{1,0} dot(%parameter_0.2, %parameter_1.2), lhs_contracting_dims={1}, rhs_contracting_dims={0}, metadata={op_name="jit(single)/jvp()/dot_general"}, backend_config={"sizes":["16"]}
+}
+
+%fused_add.5 (param_0: bf16[128,32,32,128], param_1: bf16[128,32,32,128]) -> bf16[128,32,32,128] {
+  %param_0 = bf16[128,32,32,128]{3,2,1,0} parameter(0)
+  %param_1 = bf16[128,32,32,128]{3,2,1,0} parameter(1)
+  ROOT %add.1 = bf16[128,32,32,128]{3,2,1,0} add(%param_0, %param_1)
+}
+
+ENTRY %main.637 (x: bf16[128,32,32,128], w: bf16[128,3,3,128], a: bf16[128,512], b: bf16[512,4992]) -> (bf16[128,32,32,128], bf16[128,3,3,128], bf16[128,4992]) {
+  %x = bf16[128,32,32,128]{3,2,1,0} parameter(0), metadata={op_name="x"}
+  %w = bf16[128,3,3,128]{3,2,1,0} parameter(1), metadata={op_name="w"}
+  %a = bf16[128,512]{1,0} parameter(2), metadata={op_name="a"}
+  %b = bf16[512,4992]{1,0} parameter(3), metadata={op_name="b"}
+  %cudnn-conv.1 = (bf16[128,32,32,128]{3,2,1,0}, u8[1048576]{0}) custom-call(%x, %w), window={size=3x3 pad=1_1x1_1}, dim_labels=b01f_o01i->b01f, custom_call_target="__cudnn$convForward", metadata={op_name="jit(single)/jvp()/conv_general_dilated"}, backend_config={"operation_queue_id":"0","cudnn_conv_backend_config":{"activation_mode":"kNone","conv_result_scale":1,"side_input_scale":0,"algorithm":{"algo_id":"12","math_type":"TENSOR_OP_MATH","tuning_knobs":{},"is_cudnn_frontend":true},"leakyrelu_alpha":0},"force_earliest_schedule":false}
+  %get-tuple-element.1 = bf16[128,32,32,128]{3,2,1,0} get-tuple-element(%cudnn-conv.1), index=0
+  %cudnn-conv.2 = (bf16[128,32,32,128]{3,2,1,0}, u8[1048576]{0}) custom-call(%get-tuple-element.1, %w), window={size=3x3 pad=1_1x1_1}, dim_labels=b01f_o01i->b01f, custom_call_target="__cudnn$convForward", metadata={op_name="jit(single)/jvp()/conv_general_dilated"}, backend_config={"operation_queue_id":"0","cudnn_conv_backend_config":{"activation_mode":"kNone","conv_result_scale":1,"side_input_scale":0,"algorithm":{"algo_id":"12","math_type":"TENSOR_OP_MATH","tuning_knobs":{},"is_cudnn_frontend":true},"leakyrelu_alpha":0},"force_earliest_schedule":false}
+  %get-tuple-element.2 = bf16[128,32,32,128]{3,2,1,0} get-tuple-element(%cudnn-conv.2), index=0
+  %cudnn-conv-bw-filter.3 = (bf16[128,3,3,128]{3,2,1,0}, u8[0]{0}) custom-call(%x, %get-tuple-element.2), window={size=3x3 pad=1_1x1_1}, dim_labels=b01f_o01i->b01f, custom_call_target="__cudnn$convBackwardFilter", metadata={op_name="jit(single)/transpose(jvp())/conv_general_dilated"}, backend_config={"operation_queue_id":"0","cudnn_conv_backend_config":{"activation_mode":"kNone","conv_result_scale":1,"side_input_scale":0,"algorithm":{"algo_id":"1","math_type":"TENSOR_OP_MATH","tuning_knobs":{},"is_cudnn_frontend":true},"leakyrelu_alpha":0},"force_earliest_schedule":false}
+  %get-tuple-element.3 = bf16[128,3,3,128]{3,2,1,0} get-tuple-element(%cudnn-conv-bw-filter.3), index=0
+  %gemm_fusion_dot.212 = bf16[128,4992]{1,0} fusion(%a, %b), kind=kCustom, calls=%gemm_fusion_dot.212_computation, metadata={op_name="jit(single)/jvp()/dot_general"}, backend_config={"operation_queue_id":"0","fusion_backend_config":{"kind":"__triton_nested_gemm_fusion","block_level_fusion_config":{"num_warps":"4","output_tiles":[{"sizes":["64","128"]}],"num_ctas":1,"num_stages":3}}}
+  %loop_add_fusion.5 = bf16[128,32,32,128]{3,2,1,0} fusion(%get-tuple-element.1, %get-tuple-element.2), kind=kLoop, calls=%fused_add.5, metadata={op_name="jit(single)/transpose(jvp())/add_any"}
+  ROOT %tuple = (bf16[128,32,32,128]{3,2,1,0}, bf16[128,3,3,128]{3,2,1,0}, bf16[128,4992]{1,0}) tuple(%loop_add_fusion.5, %get-tuple-element.3, %gemm_fusion_dot.212)
+}
+'''
+
+_ACT, _FILTER = 'bf16[128,32,32,128]{3,2,1,0}', 'bf16[128,3,3,128]{3,2,1,0}'
+_CONV_KEY = ('({out}, u8[0]{{0}}) custom-call({ops}), '
+             'window={{size=3x3 pad=1_1x1_1}}, dim_labels=b01f_o01i->b01f, custom_call_target=\\"{target}\\", '
+             'backend_config={{\\"cudnn_conv_backend_config\\":{{\\"activation_mode\\":\\"{act}\\",\\"algorithm\\":'
+             '{{\\"algo_id\\":\\"-1\\",\\"math_type\\":\\"DEFAULT_MATH\\"}},\\"conv_result_scale\\":1,\\"leakyrelu_alpha\\":0,'
+             '\\"side_input_scale\\":0}},\\"force_earliest_schedule\\":false,\\"operation_queue_id\\":\\"0\\"}}')
+# XLA's autotune results in their text format (xla/autotune_results.proto; `hlo` is the instruction's canonical
+# text, a fusion's computation for fusions), with fields this reader skips (algorithms, Any configs, enums).
+_RESULTS = '''version: 3
+results {
+  device: "CUDA: 9.0, Cores: 132, GPU clock: 1.98 GHz, Memory bandwidth: 4800 GB/s, L2 cache: 50 MB, DNN version: 9.8.0"
+  hlo: "%s"
+  result { run_time { nanos: 50000 } scratch_bytes: 1048576
+           algorithm { algo_id: 12 math_type: TENSOR_OP_MATH tuning_knobs { key: 1 value: 2 } is_cudnn_frontend: true } }
+  version: 1
+}
+results {
+  device: "CUDA: 9.0"
+  hlo: "%s"
+  result { run_time { nanos: 80000 } algorithm { algo_id: 1 math_type: TENSOR_OP_MATH } }
+}
+results {
+  device: "CUDA: 9.0"
+  hlo: "{\\n  tmp_0 = bf16[128,512]{1,0} parameter(0)\\n  tmp_1 = bf16[512,4992]{1,0} parameter(1)\\n  ROOT tmp_2 = bf16[128,4992]{1,0} dot(bf16[128,512]{1,0} tmp_0, bf16[512,4992]{1,0} tmp_1), lhs_contracting_dims={1}, rhs_contracting_dims={0}\\n}"
+  result { run_time { nanos: 20000 }
+           other { name: "Triton" config { [type.googleapis.com/xla.gpu.TritonGemmConfig] { block_m: 64 } } } }
+}
+results {
+  device: "CUDA: 9.0"
+  hlo: "%s"
+  result { run_time { nanos: 300000 } algorithm { algo_id: 3 } }
+}
+results {
+  device: "CUDA: 9.0"
+  hlo: "%s"
+  result { run_time { nanos: 1000 } algorithm { algo_id: 4 } }
+}
+results {
+  device: "CUDA: 9.0"
+  hlo: "%s"
+  result { run_time { nanos: 9000 } failure { kind: DISQUALIFIED msg: "x" } }
+}
+''' % (_CONV_KEY.format(out=_ACT, ops=f'{_ACT}, {_FILTER}', target='__cudnn$convForward', act='kNone'),
+       _CONV_KEY.format(out=_FILTER, ops=f'{_ACT}, {_ACT}', target='__cudnn$convBackwardFilter', act='kNone'),
+       _CONV_KEY.format(out=_ACT, ops=f'{_ACT}, {_FILTER}', target='__cudnn$convForward', act='kRelu'),  # another conv
+       _CONV_KEY.format(out=_ACT, ops=f'{_ACT}, {_FILTER}', target='__cudnn$convBackwardInput', act='kNone'),  # absent
+       _CONV_KEY.format(out=_ACT, ops=f'{_ACT}, {_FILTER}', target='__cudnn$convForward', act='kNone'))  # failed
+
+
+def test_kernel_times_attribute_autotune_run_times_to_the_programs_launches():
+  """Each launch gets the run time of its instruction's entry (the two forward convolutions share one); entries of
+  other instructions (a fused ReLU variant, an absent backward-input call) are left over, failed ones ignored; the
+  FLOPs of a convolution and a GEMM come from their geometry; the loop fusion is left to the bandwidth bound."""
+  from bench import kernel_times
+  entries = kernel_times.read_results(_RESULTS)
+  assert [e['run_ms'] for e in entries] == [0.05, 0.08, 0.02, 0.3, 0.001, 0.009]
+  assert [e['backend'] for e in entries[:3]] == ['algorithm', 'algorithm', 'Triton'] and entries[5]['failed']
+  kernels = kernel_times.program_kernels(_PROGRAM)
+  leftover = kernel_times.attribute(kernels, entries)
+  by_name = {k['name']: k for k in kernels}
+  assert [by_name[n].get('run_ms') for n in ('cudnn-conv.1', 'cudnn-conv.2', 'cudnn-conv-bw-filter.3',
+                                              'gemm_fusion_dot.212', 'loop_add_fusion.5')] == [0.05, 0.05, 0.08, 0.02, None]
+  assert leftover == {'unmatched_entries': 2}
+  conv_flops = 2 * (128 * 32 * 32 * 128) * (3 * 3 * 128)  # per output element: a 3x3 window over 128 channels
+  assert by_name['cudnn-conv.1']['flops'] == by_name['cudnn-conv-bw-filter.3']['flops'] == conv_flops
+  assert by_name['gemm_fusion_dot.212']['flops'] == 2 * 128 * 4992 * 512
+
+  s = kernel_times.summarize(kernels, leftover, bandwidth=4.8e12, step_ms=1.0, top=3)
+  assert (s['kernels'], s['timed_kernels'], s['other_kernels'], s['ambiguous_kernels']) == (5, 4, 1, 0)
+  assert s['timed_ms'] == pytest.approx(0.2)
+  fwd = s['per_kind']['__cudnn$convForward']
+  assert fwd['kernels'] == 2 and fwd['ms'] == pytest.approx(0.1)
+  assert fwd['tflop_per_s'] == pytest.approx(2 * conv_flops / 0.1e-3 / 1e12, rel=1e-3)
+  add_bytes = 3 * 128 * 32 * 32 * 128 * 2  # two bf16 operands read, one written
+  assert s['other_gb'] == pytest.approx(add_bytes / 1e9, abs=1e-3)
+  assert s['rest_ms'] == pytest.approx(1.0 - 0.2 - add_bytes / 4.8e12 * 1e3, abs=1e-3)
+  assert [t['name'] for t in s['top']] == ['cudnn-conv-bw-filter.3', 'cudnn-conv.1', 'cudnn-conv.2']
+
+
+def test_kernel_times_flops_agree_with_xla_cost_analysis():
+  """The FLOPs read from a library call's shapes equal XLA's own count of the same convolution (no padding: XLA
+  counts valid window taps only) and dot."""
+  from bench import kernel_times
+  x, w = jnp.ones((2, 10, 10, 4)), jnp.ones((3, 3, 4, 8))
+  conv = lambda x, w: jax.lax.conv_general_dilated(x, w, (1, 1), 'VALID', dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  cost = lambda fn, *a: jax.jit(fn).lower(*a).cost_analysis()['flops']
+  attrs = 'window={size=3x3}, dim_labels=b01f_01io->b01f, custom_call_target="__cudnn$convForward"'
+  ours = kernel_times.call_flops('__cudnn$convForward', '(f32[2,8,8,8]{3,2,1,0}, u8[0]{0})',
+                                 ['f32[2,10,10,4]{3,2,1,0}', 'f32[3,3,4,8]{3,2,1,0}'], attrs)
+  assert ours == cost(conv, x, w)
+  # the filter gradient of the same convolution: the same multiply-adds
+  attrs = attrs.replace('convForward', 'convBackwardFilter')
+  assert kernel_times.call_flops('__cudnn$convBackwardFilter', '(f32[3,3,4,8]{3,2,1,0}, u8[0]{0})',
+                                 ['f32[2,10,10,4]{3,2,1,0}', 'f32[2,8,8,8]{3,2,1,0}'], attrs) == ours
+  a, b = jnp.ones((64, 32)), jnp.ones((32, 48))
+  attrs = ('custom_call_target="__cublas$gemm", backend_config={"gemm_backend_config":{"alpha_real":1,'
+           '"dot_dimension_numbers":{"lhs_contracting_dimensions":["1"],"rhs_contracting_dimensions":["0"]}}}')
+  assert kernel_times.call_flops('__cublas$gemm', '(f32[64,48]{1,0}, s8[4194304]{0})',
+                                 ['f32[64,32]{1,0}', 'f32[32,48]{1,0}'], attrs) == cost(jnp.dot, a, b)

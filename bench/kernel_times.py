@@ -1,0 +1,279 @@
+"""Device times of a program's library kernels without a profiler: XLA:GPU's autotuning results, matched to the
+compiled program.
+
+The lent GPUs' traces held no kernel events (2026-12-04, an H200 under gVisor), so no profile has said where a
+training step's time goes. But while compiling, XLA:GPU times on the device every candidate of each cuDNN
+convolution, cuBLAS call and Triton GEMM fusion it must choose for, and `--xla_gpu_dump_autotune_results_to=
+FILE.textproto` (bench/device_run.sh sets it for each step) writes every distinct instruction's choice with its
+measured run time. This matches those entries to the instructions of the compiled program
+(`train_throughput.py --dump_hlo`, `sample_throughput.py --dump_hlo`), sums them over the program's launches, and
+sets the sum against the measured step: what the convolutions and GEMMs take (and the TFLOP/s each reaches), and
+what is left for the other kernels, whose bytes give a lower bound at the memory bandwidth, and for launch gaps.
+
+Limits: a run time is XLA's measurement of the kernel alone, warm, on its own buffers (the step's own launch may
+differ, e.g. with a cold L2); the entry computation's kernels are counted once (programs with one step per call,
+the forward); an entry matches an instruction by its shapes, layouts, window and kind (entries that share them are
+averaged, `ambiguous`), and one the program no longer holds (a GEMM fusion XLA then handed to cuBLAS) is left over.
+
+  python bench/kernel_times.py AUTOTUNE.textproto [...] --hlo PROGRAM.hlo.txt.gz [--step_ms 64.9]
+      [--target h200] [--top 15]
+"""
+
+import argparse
+import collections
+import functools
+import gzip
+import json
+import math
+import os
+import re
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench import gpu_program  # noqa: E402
+
+# An array shape with its layout as XLA prints it: bf16[128,32,32,128]{3,2,1,0}, f32[] (scalars may have no layout).
+_SHAPE = r'(?:pred|[suf]\d+|bf16|f8e\w+)\[[\d,]*\](?:\{[^}]*\})?'
+_SCRATCH = re.compile(r'^[us]8\[\d+\]\{0\}$')  # a library call's workspace, sized by the algorithm it chose
+_CONV = {  # cuDNN convolution target -> where (input, filter, output) are: an operand index or 'result'
+    '__cudnn$convForward': (0, 1, 'result'), '__cudnn$convBiasActivationForward': (0, 1, 'result'),
+    '__cudnn$convBackwardInput': ('result', 1, 0), '__cudnn$convBackwardFilter': (0, 'result', 1)}
+# backend_config fields that tell apart library calls of the same shapes (the chosen algorithm is not one of them:
+# the key is taken before autotuning)
+_CONFIG_KEYS = ('activation_mode', 'conv_result_scale', 'side_input_scale', 'leakyrelu_alpha', 'epilogue',
+                'alpha_real', 'alpha_imag', 'beta', 'lhs_contracting_dimensions', 'rhs_contracting_dimensions',
+                'lhs_batch_dimensions', 'rhs_batch_dimensions')
+
+
+@functools.cache
+def _results_class():
+  """A protobuf class for XLA's AutotuneResults text format, with only the fields read here (the rest are skipped):
+  version, results { device hlo result { run_time, scratch_bytes, which backend } }."""
+  from google.protobuf import descriptor_pb2, descriptor_pool, duration_pb2, message_factory
+  fd = descriptor_pb2.FieldDescriptorProto
+  file = descriptor_pb2.FileDescriptorProto(name='bench_autotune.proto', package='bench_autotune', syntax='proto3',
+                                            dependency=['google/protobuf/duration.proto'])
+
+  def message(name, *fields):
+    m = file.message_type.add(name=name)
+    for number, (field, kind, label) in enumerate(fields, 1):
+      type_name = kind if kind.startswith('.') else None
+      m.field.add(name=field, number=number, label=label or fd.LABEL_OPTIONAL,
+                  type=fd.TYPE_MESSAGE if type_name else getattr(fd, kind), type_name=type_name)
+
+  message('Any')  # a backend's config: only its presence is read
+  message('Other', ('name', 'TYPE_STRING', None))
+  backends = ('conv', 'gemm', 'triton', 'cuda_conv_plan', 'custom_kernel_fusion', 'algorithm', 'failure')
+  message('Result', ('scratch_bytes', 'TYPE_INT64', None), ('run_time', '.google.protobuf.Duration', None),
+          ('other', '.bench_autotune.Other', None), *((b, '.bench_autotune.Any', None) for b in backends))
+  message('Entry', ('device', 'TYPE_STRING', None), ('hlo', 'TYPE_STRING', None),
+          ('result', '.bench_autotune.Result', None), ('version', 'TYPE_INT32', None))
+  message('Results', ('version', 'TYPE_INT32', None), ('results', '.bench_autotune.Entry', fd.LABEL_REPEATED))
+  pool = descriptor_pool.DescriptorPool()
+  pool.AddSerializedFile(duration_pb2.DESCRIPTOR.serialized_pb)
+  pool.Add(file)
+  return message_factory.GetMessageClass(pool.FindMessageTypeByName('bench_autotune.Results'))
+
+
+def read_results(text: str) -> list[dict]:
+  """The entries of an autotune results file (text format): hlo (the instruction's canonical text), device,
+  run_ms, backend ('algorithm' for cuDNN, 'gemm' for cuBLAS, 'triton', or other's name), failed."""
+  from google.protobuf import text_format
+  results = _results_class()()
+  text_format.Parse(text, results, allow_unknown_field=True)
+  out = []
+  for e in results.results:
+    r = e.result
+    backend = next((b for b in ('algorithm', 'conv', 'cuda_conv_plan', 'gemm', 'triton', 'custom_kernel_fusion')
+                    if r.HasField(b)), r.other.name or '?')
+    out.append({'hlo': e.hlo, 'device': e.device, 'run_ms': r.run_time.ToNanoseconds() / 1e6, 'backend': backend,
+                'failed': r.HasField('failure')})
+  return out
+
+
+def _shapes(text: str) -> list[str]:
+  return re.findall(_SHAPE, text)
+
+
+def _dims(shape: str) -> list[int]:
+  return [int(d) for d in shape[shape.index('[') + 1:shape.index(']')].split(',') if d]
+
+
+def _config(text: str) -> tuple:
+  """The identifying backend_config fields in `text` (JSON as XLA prints it; order-free)."""
+  found = re.findall(r'"(%s)":("[^"]*"|\[[^\]]*\]|[-\d.e]+)' % '|'.join(_CONFIG_KEYS), text)
+  return tuple(sorted(found))
+
+
+def _attr(name: str, text: str) -> str:
+  m = re.search(rf'\b{name}=(\{{[^}}]*\}}|[\w\->]+)', text)
+  return m.group(1) if m else ''
+
+
+def call_signature(result: str, operands: list[str], attrs: str) -> tuple:
+  """What identifies a library call across the autotune key and the compiled program: kind, shapes with layouts
+  (the workspace left out), window, dimension labels, feature groups and the identifying config fields."""
+  target = re.search(r'custom_call_target="([^"]+)"', attrs).group(1)
+  return ('call', target, tuple(s for s in _shapes(result) if not _SCRATCH.match(s)), tuple(operands),
+          _attr('window', attrs), _attr('dim_labels', attrs), _attr('feature_group_count', attrs), _config(attrs))
+
+
+def fusion_signature(parameters: dict[int, str], root: str, dots: tuple) -> tuple:
+  """A custom fusion (a Triton GEMM) by its parameters' and root's shapes and its dots' shapes and dimensions,
+  not by the whole computation: XLA may still rewrite the inside after autotuning."""
+  return ('fusion', tuple(parameters[i] for i in sorted(parameters)), root, dots)
+
+
+_LINE = re.compile(r'^\s*(ROOT\s+)?%?([\w.\-]+) = (\(.*?\)|\S+) ([a-z][\w\-]*)\((.*?)\)(, .*)?$')
+
+
+def _computation(lines: list[str]) -> tuple[dict[int, str], str, tuple, float | None]:
+  """(parameter index -> shape, root shape, its dots' shapes and dimensions, their FLOPs) of a fused computation's
+  instruction lines, in the program's form (operands named) or the autotune key's (operands written with shapes)."""
+  parameters, shapes, root, dots, flops = {}, {}, '', [], 0.0
+  for line in lines:
+    m = _LINE.match(line)
+    if not m:
+      continue
+    is_root, name, result, op, args, attrs = m.groups()
+    shapes[name] = result
+    if op == 'parameter':
+      parameters[int(args)] = result
+    if is_root:
+      root = result
+    if op == 'dot':
+      lhs = _shapes(args)[:1] or [shapes.get(re.findall(r'%?([\w.\-]+)', args)[0], '')]
+      contracting = [int(c) for c in _attr('lhs_contracting_dims', attrs or '').strip('{}').split(',') if c]
+      flops += 2 * math.prod(_dims(result)) * math.prod(_dims(lhs[0])[c] for c in contracting)
+      dots.append((result, *(_attr(f'{side}_{kind}_dims', attrs or '') for side in ('lhs', 'rhs')
+                             for kind in ('batch', 'contracting'))))
+  return parameters, root, tuple(dots), flops or None
+
+
+def call_flops(target: str, result: str, operands: list[str], attrs: str) -> float | None:
+  """Multiply-adds x 2 of a cuDNN convolution (from its input / filter / output geometry) or a cuBLAS GEMM."""
+  results = [s for s in _shapes(result) if not _SCRATCH.match(s)]
+  pick = lambda where: results[0] if where == 'result' else operands[where]
+  if target in _CONV:
+    _, filt, out = (pick(w) for w in _CONV[target])
+    labels = _attr('dim_labels', attrs)  # e.g. b01f_o01i->b01f: input, filter, output dimension labels
+    out_features = _dims(filt)[labels.split('_')[1].split('->')[0].index('o')]
+    return 2.0 * math.prod(_dims(out)) * math.prod(_dims(filt)) / out_features
+  if target.startswith('__cublas'):
+    contracting = [int(c) for c in re.findall(r'\d+', dict(_config(attrs)).get('lhs_contracting_dimensions', ''))]
+    return 2.0 * math.prod(_dims(results[0])) * math.prod(_dims(operands[0])[c] for c in contracting)
+  return None
+
+
+def key_signature(hlo: str) -> tuple[tuple, float | None]:
+  """(signature, FLOPs) of an autotune entry's canonical instruction text."""
+  if hlo.lstrip().startswith('{'):  # a fusion: its computation, operands written as 'shape tmp_i'
+    parameters, root, dots, flops = _computation(hlo.strip().strip('{}').splitlines())
+    return fusion_signature(parameters, root, dots), flops
+  m = re.match(r'^(\(.*?\)|\S+) custom-call\((.*?)\)(, .*)?$', hlo.strip(), re.S)
+  if not m:
+    return ('unparsed', hlo), None
+  result, args, attrs = m.group(1), m.group(2), m.group(3) or ''
+  target = re.search(r'custom_call_target="([^"]+)"', attrs).group(1)
+  return call_signature(result, _shapes(args), attrs), call_flops(target, result, _shapes(args), attrs)
+
+
+def program_kernels(hlo_text: str) -> list[dict]:
+  """The entry computation's kernels (gpu_program.kernels: name, kind, bytes) with, for library calls and custom
+  fusions, their signature and FLOPs."""
+  kernels = {k['name']: k for k in gpu_program.kernels(hlo_text)}
+  shapes = {}
+  for line in gpu_program._instructions(hlo_text).splitlines():
+    m = _LINE.match(line)
+    if not m:
+      continue
+    _, name, result, op, args, attrs = m.groups()
+    attrs = attrs or ''
+    shapes[name] = result
+    if name not in kernels:
+      continue
+    operands = [shapes.get(o, '') for o in re.findall(r'%([\w.\-]+)', args)]
+    if op == 'custom-call':
+      target = re.search(r'custom_call_target="([^"]+)"', attrs).group(1)
+      kernels[name].update(signature=call_signature(result, operands, attrs),
+                           flops=call_flops(target, result, operands, attrs))
+    elif op == 'fusion' and 'kind=kCustom' in attrs:
+      called = re.search(r'calls=%([\w.\-]+)', attrs).group(1)
+      parameters, root, dots, flops = _computation(gpu_program._instructions(hlo_text, called).splitlines())
+      kernels[name].update(signature=fusion_signature(parameters, root, dots), flops=flops)
+  return list(kernels.values())
+
+
+def attribute(kernels: list[dict], entries: list[dict]) -> dict:
+  """Each kernel's measured run time (ms) from the entries of its signature; the entries no kernel matched."""
+  by_signature = collections.defaultdict(list)
+  for e in entries:
+    if not e['failed'] and e['run_ms'] > 0:
+      by_signature[key_signature(e['hlo'])[0]].append(e)
+  used = set()
+  for k in kernels:
+    matched = by_signature.get(k.get('signature'), [])
+    if matched:
+      k['run_ms'] = sum(e['run_ms'] for e in matched) / len(matched)
+      k['backend'] = '/'.join(sorted({e['backend'] for e in matched}))
+      k['ambiguous'] = len(matched) > 1
+      used.add(k['signature'])
+  return {'unmatched_entries': sum(len(v) for s, v in by_signature.items() if s not in used)}
+
+
+def summarize(kernels: list[dict], leftover: dict, bandwidth: float, step_ms: float | None, top: int) -> dict:
+  """Measured library time per kind (with achieved TFLOP/s), the other kernels' bytes at bandwidth, and the rest of
+  the step."""
+  timed = [k for k in kernels if 'run_ms' in k]
+  untimed = [k for k in kernels if 'run_ms' not in k]
+  per_kind = collections.defaultdict(lambda: {'kernels': 0, 'ms': 0.0, 'gflop': 0.0, 'gb': 0.0})
+  for k in timed:
+    row = per_kind[k['kind']]
+    row['kernels'] += 1
+    row['ms'] += k['run_ms']
+    row['gflop'] += (k.get('flops') or 0) / 1e9
+    row['gb'] += k['bytes'] / 1e9
+  for row in per_kind.values():
+    row['tflop_per_s'] = round(row['gflop'] / row['ms'], 1) if row['ms'] else None
+    row.update(ms=round(row['ms'], 3), gflop=round(row['gflop'], 1), gb=round(row['gb'], 3))
+  timed_ms = sum(k['run_ms'] for k in timed)
+  untimed_gb = sum(k['bytes'] for k in untimed) / 1e9
+  out = {'kernels': len(kernels), 'timed_kernels': len(timed), 'timed_ms': round(timed_ms, 3),
+         'ambiguous_kernels': sum(k['ambiguous'] for k in timed),
+         'untimed_with_signature': sum('signature' in k for k in untimed), **leftover,
+         'per_kind': dict(sorted(per_kind.items(), key=lambda kv: -kv[1]['ms'])),
+         'other_kernels': len(untimed), 'other_gb': round(untimed_gb, 3),
+         'other_ms_at_bandwidth': round(untimed_gb * 1e9 / bandwidth * 1e3, 3)}
+  if step_ms is not None:  # what neither the timed kernels nor the others' traffic at full bandwidth account for
+    out['step_ms'] = step_ms
+    out['rest_ms'] = round(step_ms - timed_ms - out['other_ms_at_bandwidth'], 3)
+  out['top'] = [{'name': k['name'], 'kind': k['kind'], 'backend': k['backend'], 'ms': round(k['run_ms'], 4),
+                 'tflop_per_s': round(k['flops'] / k['run_ms'] / 1e9, 1) if k.get('flops') else None,
+                 'gb_per_s': round(k['bytes'] / k['run_ms'] / 1e6, 1), 'origin': k['origin']}
+                for k in sorted(timed, key=lambda k: -k['run_ms'])[:top]]
+  return out
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('autotune', nargs='+', help='autotune results files (text format) of the device run')
+  parser.add_argument('--hlo', required=True, help="the compiled program's HLO text (.hlo.txt or .hlo.txt.gz)")
+  parser.add_argument('--step_ms', type=float, default=None, help='the measured time of one program run')
+  parser.add_argument('--target', default='h200', choices=sorted(gpu_program.TARGETS), help='for the bandwidth')
+  parser.add_argument('--top', type=int, default=15)
+  args = parser.parse_args()
+  entries = []
+  for path in args.autotune:
+    with open(path) as f:
+      entries += read_results(f.read())
+  with (gzip.open if args.hlo.endswith('.gz') else open)(args.hlo, 'rt') as f:
+    kernels = program_kernels(f.read())
+  leftover = attribute(kernels, entries)
+  print(json.dumps({'hlo': os.path.basename(args.hlo), 'entries': len(entries),
+                    'devices': sorted({e['device'] for e in entries}),
+                    **summarize(kernels, leftover, gpu_program.TARGETS[args.target][1], args.step_ms, args.top)}))
+
+
+if __name__ == '__main__':
+  main()
