@@ -17,6 +17,11 @@ averaged, `ambiguous`), and one the program no longer holds (a GEMM fusion XLA t
 
   python bench/kernel_times.py AUTOTUNE.textproto [...] --hlo PROGRAM.hlo.txt.gz [--step_ms 64.9]
       [--target h200] [--top 15]
+  python bench/kernel_times.py --run OUT_DIR [--target h200]   # every program of a device_run.sh call
+
+--run reads what a bench/device_run.sh call returned (its autotune_*.textproto, hlo.tar or hlo/, and the *.log
+rows) and prints one line per program that has a timed row: the training steps with one step per call and the
+forward rows (the other programs' entries in the same files count as unmatched).
 """
 
 import argparse
@@ -28,6 +33,7 @@ import math
 import os
 import re
 import sys
+import tarfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -222,6 +228,13 @@ def attribute(kernels: list[dict], entries: list[dict]) -> dict:
   return {'unmatched_entries': sum(len(v) for s, v in by_signature.items() if s not in used)}
 
 
+def _shapes_of(signature: tuple) -> str:
+  """'operand, operand -> result' shapes of a library call or a fusion, layouts left out."""
+  ins, out = (signature[3], signature[2]) if signature[0] == 'call' else (signature[1], (signature[2],))
+  strip = lambda shapes: ', '.join(re.sub(r'\{[^}]*\}', '', s) for s in shapes)
+  return f'{strip(ins)} -> {strip(out)}'
+
+
 def summarize(kernels: list[dict], leftover: dict, bandwidth: float, step_ms: float | None, top: int) -> dict:
   """Measured library time per kind (with achieved TFLOP/s), the other kernels' bytes at bandwidth, and the rest of
   the step."""
@@ -248,21 +261,62 @@ def summarize(kernels: list[dict], leftover: dict, bandwidth: float, step_ms: fl
   if step_ms is not None:  # what neither the timed kernels nor the others' traffic at full bandwidth account for
     out['step_ms'] = step_ms
     out['rest_ms'] = round(step_ms - timed_ms - out['other_ms_at_bandwidth'], 3)
-  out['top'] = [{'name': k['name'], 'kind': k['kind'], 'backend': k['backend'], 'ms': round(k['run_ms'], 4),
+  out['top'] = [{'name': k['name'], 'kind': k['kind'], 'shapes': _shapes_of(k['signature']),
+                 'backend': k['backend'], 'ms': round(k['run_ms'], 4),
                  'tflop_per_s': round(k['flops'] / k['run_ms'] / 1e9, 1) if k.get('flops') else None,
                  'gb_per_s': round(k['bytes'] / k['run_ms'] / 1e6, 1), 'origin': k['origin']}
                 for k in sorted(timed, key=lambda k: -k['run_ms'])[:top]]
   return out
 
 
+def run_rows(folder: str) -> tuple[list[dict], dict[str, str], dict[str, float]]:
+  """(autotune entries, program name -> HLO text, program name -> measured ms per run) of a device_run.sh call's
+  output folder: the training rows with one step per call and the forward rows."""
+  from bench import sample_throughput, train_throughput
+  entries, programs, times = [], {}, {}
+  for name in sorted(os.listdir(folder)):
+    path = os.path.join(folder, name)
+    if name.startswith('autotune_') and name.endswith('.textproto'):
+      with open(path) as f:
+        entries += read_results(f.read())
+    elif name == 'hlo.tar':
+      with tarfile.open(path) as tar:
+        for member in tar.getmembers():
+          if member.name.endswith('.hlo.txt.gz'):
+            programs[os.path.basename(member.name)[:-len('.hlo.txt.gz')]] = gzip.decompress(
+                tar.extractfile(member).read()).decode()
+    elif name.endswith('.log'):
+      with open(path) as f:
+        for line in f:
+          row = json.loads(line) if line.startswith('{') else {}
+          dtype = row.get('impl', '?').split()[-1]  # 'ours jax bfloat16'
+          if row.get('what') == 'train' and row.get('steps_per_call') == 1:
+            times[train_throughput.row_name(dtype, row['batch'], 1, row['variant'])] = row['step_ms']
+          elif row.get('what') in ('denoiser_forward', 'denoiser_forward_cast_once'):
+            times[sample_throughput.row_name(row['network'], dtype, row['what'])] = row['ms']
+  return entries, programs, times
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('autotune', nargs='+', help='autotune results files (text format) of the device run')
-  parser.add_argument('--hlo', required=True, help="the compiled program's HLO text (.hlo.txt or .hlo.txt.gz)")
+  parser.add_argument('autotune', nargs='*', help='autotune results files (text format) of the device run')
+  parser.add_argument('--hlo', help="the compiled program's HLO text (.hlo.txt or .hlo.txt.gz)")
+  parser.add_argument('--run', help="a device_run.sh call's output folder: every program with a timed row")
   parser.add_argument('--step_ms', type=float, default=None, help='the measured time of one program run')
   parser.add_argument('--target', default='h200', choices=sorted(gpu_program.TARGETS), help='for the bandwidth')
   parser.add_argument('--top', type=int, default=15)
   args = parser.parse_args()
+  bandwidth = gpu_program.TARGETS[args.target][1]
+  if args.run:
+    entries, programs, times = run_rows(args.run)
+    for name in sorted(set(programs) & set(times)):
+      kernels = program_kernels(programs[name])
+      leftover = attribute(kernels, entries)
+      print(json.dumps({'program': name, 'entries': len(entries),
+                        **summarize(kernels, leftover, bandwidth, times[name], args.top)}))
+    return
+  if not (args.autotune and args.hlo):
+    parser.error('give autotune files and --hlo, or --run')
   entries = []
   for path in args.autotune:
     with open(path) as f:
@@ -272,7 +326,7 @@ def main():
   leftover = attribute(kernels, entries)
   print(json.dumps({'hlo': os.path.basename(args.hlo), 'entries': len(entries),
                     'devices': sorted({e['device'] for e in entries}),
-                    **summarize(kernels, leftover, gpu_program.TARGETS[args.target][1], args.step_ms, args.top)}))
+                    **summarize(kernels, leftover, bandwidth, args.step_ms, args.top)}))
 
 
 if __name__ == '__main__':

@@ -149,6 +149,11 @@ def programs(network: str, dtype: str, batch: int, nf: int = 128) -> tuple[dict,
   return out, parts, config.sample.guidance_scale if text else None
 
 
+def row_name(network: str, dtype: str, what: str) -> str:
+  """A forward row's --dump_hlo file name, e.g. ddpm_cifar10_bfloat16_denoiser_forward."""
+  return f'{network}_{dtype}_{what}'
+
+
 def run(network: str, dtype: str, batch: int, calls: int, nf: int, hlo_dir: str | None = None) -> None:
   progs, parts, guidance = programs(network, dtype, batch, nf)
   common = dict(network=network, impl=f'ours jax {dtype}', batch=batch)
@@ -157,7 +162,7 @@ def run(network: str, dtype: str, batch: int, calls: int, nf: int, hlo_dir: str 
     first, s = timed(forward, args, calls * 4)
     if hlo_dir:  # the program just timed (its compilation comes from the caches)
       os.makedirs(hlo_dir, exist_ok=True)
-      with gzip.open(os.path.join(hlo_dir, f'{network}_{dtype}_{what}.hlo.txt.gz'), 'wt') as f:
+      with gzip.open(os.path.join(hlo_dir, f'{row_name(network, dtype, what)}.hlo.txt.gz'), 'wt') as f:
         f.write(forward.lower(*args).compile().as_text())
     emit(what=what, **common, img_per_s=round(batch / s, 1), ms=round(s * 1e3, 2),
          ms_back_to_back=round(back_to_back(forward, args, calls * 4) * 1e3, 2), compile_s=round(first, 1),

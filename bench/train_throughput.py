@@ -89,6 +89,11 @@ def build_step(dtype: str, batch: int, steps_per_call: int, image_size: int = 32
   return fn, state, {'image': images, 'label': np.zeros((steps_per_call, batch), np.int32)}
 
 
+def row_name(dtype: str, batch: int, steps_per_call: int, variant: str) -> str:
+  """A row's file name (its --dump_hlo program, its --profile trace), e.g. bfloat16_b512_k1_base."""
+  return f'{dtype}_b{batch}_k{steps_per_call}_{variant}'.replace('=', '-').replace(',', '+')
+
+
 def step_flops(lowered) -> float:
   """FLOPs of one optimizer step, from the cost analysis of the program as lowered (before XLA:GPU turns
   convolutions into cuDNN custom calls, which the compiled program's analysis does not count). With several steps
@@ -122,7 +127,7 @@ def measure(dtype: str, batch: int, steps_per_call: int, timed_calls: int, image
     times.append((time.perf_counter() - t) / steps_per_call)
   step_s = statistics.median(times)
   mem = jax.devices()[0].memory_stats() or {}
-  name = f'{dtype}_b{batch}_k{steps_per_call}_{variant}'.replace('=', '-').replace(',', '+')
+  name = row_name(dtype, batch, steps_per_call, variant)
   if hlo_dir:
     os.makedirs(hlo_dir, exist_ok=True)
     with gzip.open(os.path.join(hlo_dir, f'{name}.hlo.txt.gz'), 'wt') as f:

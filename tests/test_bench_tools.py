@@ -256,3 +256,28 @@ def test_kernel_times_flops_agree_with_xla_cost_analysis():
            '"dot_dimension_numbers":{"lhs_contracting_dimensions":["1"],"rhs_contracting_dimensions":["0"]}}}')
   assert kernel_times.call_flops('__cublas$gemm', '(f32[64,48]{1,0}, s8[4194304]{0})',
                                  ['f32[64,32]{1,0}', 'f32[32,48]{1,0}'], attrs) == cost(jnp.dot, a, b)
+
+
+def test_kernel_times_reads_a_device_runs_output_folder(tmp_path):
+  """--run pairs each returned program (hlo.tar) with its row's measured time (train.log) and every autotune file;
+  rows without a program and programs without a row (4 steps per call) are left out."""
+  import gzip
+  import io
+  import json
+  import tarfile
+  from bench import kernel_times
+  with tarfile.open(tmp_path / 'hlo.tar', 'w') as tar:
+    for name in ('bfloat16_b128_k1_base', 'bfloat16_b128_k4_base'):
+      data = gzip.compress(_PROGRAM.encode())
+      info = tarfile.TarInfo(f'hlo/{name}.hlo.txt.gz')
+      info.size = len(data)
+      tar.addfile(info, io.BytesIO(data))
+  rows = [{'what': 'device'}, {'what': 'train', 'impl': 'ours jax bfloat16', 'batch': 128, 'steps_per_call': 1,
+                               'variant': 'base', 'step_ms': 1.5},
+          {'what': 'train', 'impl': 'ours jax bfloat16', 'batch': 512, 'steps_per_call': 1, 'variant': 'base',
+           'step_ms': 6.0}]
+  (tmp_path / 'train.log').write_text(''.join(json.dumps(r) + '\n' for r in rows))
+  (tmp_path / 'autotune_train.textproto').write_text(_RESULTS)
+  entries, programs, times = kernel_times.run_rows(str(tmp_path))
+  assert len(entries) == 6 and sorted(programs) == ['bfloat16_b128_k1_base', 'bfloat16_b128_k4_base']
+  assert times == {'bfloat16_b128_k1_base': 1.5, 'bfloat16_b512_k1_base': 6.0}
