@@ -1,19 +1,28 @@
-"""Device times of a program's library kernels without a profiler: XLA:GPU's autotuning results, matched to the
-compiled program.
+"""Device times of a program's kernels without a profiler: XLA:GPU's autotuning results, matched to the compiled
+program.
 
 The lent GPUs' traces held no kernel events (2026-12-04, an H200 under gVisor), so no profile has said where a
-training step's time goes. But while compiling, XLA:GPU times on the device every candidate of each cuDNN
-convolution, cuBLAS call and Triton GEMM fusion it must choose for, and `--xla_gpu_dump_autotune_results_to=
-FILE.textproto` (bench/device_run.sh sets it for each step) writes every distinct instruction's choice with its
-measured run time. This matches those entries to the instructions of the compiled program
-(`train_throughput.py --dump_hlo`, `sample_throughput.py --dump_hlo`), sums them over the program's launches, and
-sets the sum against the measured step: what the convolutions and GEMMs take (and the TFLOP/s each reaches), and
-what is left for the other kernels, whose bytes give a lower bound at the memory bandwidth, and for launch gaps.
+training step's time goes. But while compiling, XLA:GPU's autotuner looks up each cuDNN convolution, each GEMM and,
+with its fusion autotuner, most fusions (1,545 of the 1,592 kernels of the batch-128 bf16 step for the H200
+description, counted from XLA's log of a deviceless compile), times on the device the candidates of those it must
+choose for, and `--xla_gpu_dump_autotune_results_to=FILE.textproto` (bench/device_run.sh sets it for each step)
+writes each distinct instruction's choice with its measured run time. This matches those entries to the kernels of
+the compiled program (`train_throughput.py --dump_hlo`, `sample_throughput.py --dump_hlo`), sums them over the
+program's launches, and sets the sum against the measured step: what the convolutions, GEMMs and fusions take (and
+the TFLOP/s of those with FLOPs), the untimed kernels' bytes at the memory bandwidth (a lower bound), and the rest
+(launch gaps, or kernels slower in the step than alone).
+
+Matching: an entry's key is XLA's canonical text of the instruction (a library call) or of its fused computation
+(AutotuneCacheKey); a library call matches by kind, shapes with layouts, window and identifying config fields, a
+fusion by its computation written the same way (constants' values left out), else, for a GEMM fusion XLA rewrote
+after autotuning, by its parameter, root and dot shapes. tests/fixtures/xla_gpu_autotune_keys.json.gz holds XLA's
+own keys of a small step to check this against.
 
 Limits: a run time is XLA's measurement of the kernel alone, warm, on its own buffers (the step's own launch may
-differ, e.g. with a cold L2); the entry computation's kernels are counted once (programs with one step per call,
-the forward); an entry matches an instruction by its shapes, layouts, window and kind (entries that share them are
-averaged, `ambiguous`), and one the program no longer holds (a GEMM fusion XLA then handed to cuBLAS) is left over.
+differ, e.g. with a cold L2); an entry measured once stands for every launch of its key (entries that share a key
+are averaged, `ambiguous`); the entry computation's kernels are counted once (programs with one step per call, the
+forward); an instruction XLA did not have to choose for may carry no time; entries the program no longer holds
+(e.g. a GEMM fusion then handed to cuBLAS) are left over.
 
   python bench/kernel_times.py AUTOTUNE.textproto [...] --hlo PROGRAM.hlo.txt.gz [--step_ms 64.9]
       [--target h200] [--top 15]
@@ -119,24 +128,41 @@ def _attr(name: str, text: str) -> str:
 
 def call_signature(result: str, operands: list[str], attrs: str) -> tuple:
   """What identifies a library call across the autotune key and the compiled program: kind, shapes with layouts
-  (the workspace left out), window, dimension labels, feature groups and the identifying config fields."""
+  (the workspace left out), window, dimension labels, feature groups and the identifying config fields (the key is
+  taken before autotuning, so the chosen algorithm and its workspace are not in it)."""
   target = re.search(r'custom_call_target="([^"]+)"', attrs).group(1)
   return ('call', target, tuple(s for s in _shapes(result) if not _SCRATCH.match(s)), tuple(operands),
           _attr('window', attrs), _attr('dim_labels', attrs), _attr('feature_group_count', attrs), _config(attrs))
 
 
-def fusion_signature(parameters: dict[int, str], root: str, dots: tuple) -> tuple:
-  """A custom fusion (a Triton GEMM) by its parameters' and root's shapes and its dots' shapes and dimensions,
-  not by the whole computation: XLA may still rewrite the inside after autotuning."""
-  return ('fusion', tuple(parameters[i] for i in sorted(parameters)), root, dots)
-
-
 _LINE = re.compile(r'^\s*(ROOT\s+)?%?([\w.\-]+) = (\(.*?\)|\S+) ([a-z][\w\-]*)\((.*?)\)(, .*)?$')
+# XLA prints only "essential" constants' values in keys ({...} for the others): values are left out on both sides
+_CONSTANT = re.compile(r' constant\(.*?\)(?=, [a-z_]+=|$)', re.M)
 
 
-def _computation(lines: list[str]) -> tuple[dict[int, str], str, tuple, float | None]:
-  """(parameter index -> shape, root shape, its dots' shapes and dimensions, their FLOPs) of a fused computation's
-  instruction lines, in the program's form (operands named) or the autotune key's (operands written with shapes)."""
+def canonical_fusion(lines: list[str]) -> str:
+  """A fused computation of the compiled program written as XLA's autotuning keys write it (AutotuneCacheKey:
+  instructions renamed tmp_<i> in order, operands with their shapes, no metadata, backend configs or called
+  computations), constants' values left out."""
+  names, shapes, out = {}, {}, []
+  for line in lines:
+    m = _LINE.match(line)
+    if not m:
+      continue
+    root, name, result, op, args, attrs = m.groups()
+    operands = re.findall(r'%([\w.\-]+)', args)
+    args = ', '.join(f'{shapes[o]} {names[o]}' for o in operands) if operands else args
+    attrs = re.sub(r', (metadata|backend_config)=\{.*?\}(?=, [a-z_]+=|$)', '', attrs or '')
+    attrs = re.sub(r', (to_apply|calls)=%[\w.\-]+', '', attrs)
+    names[name], shapes[name] = f'tmp_{len(names)}', result
+    out.append(f"  {'ROOT ' if root else ''}{names[name]} = {result} {op}({args}){attrs}")
+  return _CONSTANT.sub(' constant(C)', '{\n' + '\n'.join(out) + '\n}')
+
+
+def _computation(lines: list[str]) -> tuple[tuple | None, float | None]:
+  """(a GEMM fusion's loose key or None, FLOPs of its dots) from a fused computation's lines, in the program's form
+  (operands named) or a key's (operands written with their shapes). The loose key (parameter, root and dot shapes,
+  dot dimensions) still matches after XLA rewrote a GEMM fusion's inside once autotuned."""
   parameters, shapes, root, dots, flops = {}, {}, '', [], 0.0
   for line in lines:
     m = _LINE.match(line)
@@ -154,7 +180,8 @@ def _computation(lines: list[str]) -> tuple[dict[int, str], str, tuple, float | 
       flops += 2 * math.prod(_dims(result)) * math.prod(_dims(lhs[0])[c] for c in contracting)
       dots.append((result, *(_attr(f'{side}_{kind}_dims', attrs or '') for side in ('lhs', 'rhs')
                              for kind in ('batch', 'contracting'))))
-  return parameters, root, tuple(dots), flops or None
+  loose = ('gemm fusion', tuple(parameters[i] for i in sorted(parameters)), root, tuple(dots)) if dots else None
+  return loose, flops or None
 
 
 def call_flops(target: str, result: str, operands: list[str], attrs: str) -> float | None:
@@ -172,24 +199,24 @@ def call_flops(target: str, result: str, operands: list[str], attrs: str) -> flo
   return None
 
 
-def key_signature(hlo: str) -> tuple[tuple, float | None]:
-  """(signature, FLOPs) of an autotune entry's canonical instruction text."""
+def key_match(hlo: str) -> tuple:
+  """(exact key, loose key or None) of an autotune entry's canonical instruction text: a fusion's computation
+  (constants' values left out), a library call's signature."""
   if hlo.lstrip().startswith('{'):  # a fusion: its computation, operands written as 'shape tmp_i'
-    parameters, root, dots, flops = _computation(hlo.strip().strip('{}').splitlines())
-    return fusion_signature(parameters, root, dots), flops
+    loose, _ = _computation(hlo.strip().strip('{}').splitlines())
+    return _CONSTANT.sub(' constant(C)', hlo.strip()), loose
   m = re.match(r'^(\(.*?\)|\S+) custom-call\((.*?)\)(, .*)?$', hlo.strip(), re.S)
   if not m:
     return ('unparsed', hlo), None
-  result, args, attrs = m.group(1), m.group(2), m.group(3) or ''
-  target = re.search(r'custom_call_target="([^"]+)"', attrs).group(1)
-  return call_signature(result, _shapes(args), attrs), call_flops(target, result, _shapes(args), attrs)
+  return call_signature(m.group(1), _shapes(m.group(2)), m.group(3) or ''), None
 
 
 def program_kernels(hlo_text: str) -> list[dict]:
-  """The entry computation's kernels (gpu_program.kernels: name, kind, bytes) with, for library calls and custom
-  fusions, their signature and FLOPs."""
+  """The entry computation's kernels (gpu_program.kernels: name, kind, bytes) with, for library calls and fusions,
+  the keys their autotune entries match (exact, loose), their shapes and FLOPs."""
   kernels = {k['name']: k for k in gpu_program.kernels(hlo_text)}
   shapes = {}
+  strip = lambda shapes: ', '.join(re.sub(r'\{[^}]*\}', '', s) for s in shapes if not _SCRATCH.match(s))
   for line in gpu_program._instructions(hlo_text).splitlines():
     m = _LINE.match(line)
     if not m:
@@ -202,42 +229,45 @@ def program_kernels(hlo_text: str) -> list[dict]:
     operands = [shapes.get(o, '') for o in re.findall(r'%([\w.\-]+)', args)]
     if op == 'custom-call':
       target = re.search(r'custom_call_target="([^"]+)"', attrs).group(1)
-      kernels[name].update(signature=call_signature(result, operands, attrs),
+      kernels[name].update(exact=call_signature(result, operands, attrs), loose=None,
                            flops=call_flops(target, result, operands, attrs))
-    elif op == 'fusion' and 'kind=kCustom' in attrs:
-      called = re.search(r'calls=%([\w.\-]+)', attrs).group(1)
-      parameters, root, dots, flops = _computation(gpu_program._instructions(hlo_text, called).splitlines())
-      kernels[name].update(signature=fusion_signature(parameters, root, dots), flops=flops)
+    elif op == 'fusion':
+      lines = gpu_program._instructions(hlo_text, re.search(r'calls=%([\w.\-]+)', attrs).group(1)).splitlines()
+      loose, flops = _computation(lines)
+      kernels[name].update(exact=canonical_fusion(lines), loose=loose, flops=flops)
+    else:
+      continue
+    kernels[name]['shapes'] = f'{strip(operands)} -> {strip(_shapes(result))}'
   return list(kernels.values())
 
 
 def attribute(kernels: list[dict], entries: list[dict]) -> dict:
-  """Each kernel's measured run time (ms) from the entries of its signature; the entries no kernel matched."""
-  by_signature = collections.defaultdict(list)
-  for e in entries:
+  """Each kernel's measured run time (ms, `run_ms`) from the entries of its exact key, else of its loose key (a
+  GEMM fusion rewritten after autotuning); several entries for one key are averaged (`ambiguous`). Returns the
+  count of entries no kernel matched."""
+  index = collections.defaultdict(list)
+  for i, e in enumerate(entries):
     if not e['failed'] and e['run_ms'] > 0:
-      by_signature[key_signature(e['hlo'])[0]].append(e)
+      exact, loose = key_match(e['hlo'])
+      index['exact', exact].append(i)
+      if loose is not None:
+        index['loose', loose].append(i)
   used = set()
   for k in kernels:
-    matched = by_signature.get(k.get('signature'), [])
-    if matched:
-      k['run_ms'] = sum(e['run_ms'] for e in matched) / len(matched)
-      k['backend'] = '/'.join(sorted({e['backend'] for e in matched}))
-      k['ambiguous'] = len(matched) > 1
-      used.add(k['signature'])
-  return {'unmatched_entries': sum(len(v) for s, v in by_signature.items() if s not in used)}
-
-
-def _shapes_of(signature: tuple) -> str:
-  """'operand, operand -> result' shapes of a library call or a fusion, layouts left out."""
-  ins, out = (signature[3], signature[2]) if signature[0] == 'call' else (signature[1], (signature[2],))
-  strip = lambda shapes: ', '.join(re.sub(r'\{[^}]*\}', '', s) for s in shapes)
-  return f'{strip(ins)} -> {strip(out)}'
+    for how in ('exact', 'loose'):
+      matched = index.get((how, k.get(how)), []) if k.get(how) is not None else []
+      if matched:
+        k.update(run_ms=sum(entries[i]['run_ms'] for i in matched) / len(matched), match=how,
+                 backend='/'.join(sorted({entries[i]['backend'] for i in matched})), ambiguous=len(matched) > 1)
+        used.update(matched)
+        break
+  valid = {i for ids in index.values() for i in ids}
+  return {'unmatched_entries': len(valid - used)}
 
 
 def summarize(kernels: list[dict], leftover: dict, bandwidth: float, step_ms: float | None, top: int) -> dict:
-  """Measured library time per kind (with achieved TFLOP/s), the other kernels' bytes at bandwidth, and the rest of
-  the step."""
+  """Measured time per kernel kind (with the TFLOP/s of those with FLOPs), the untimed kernels' bytes at bandwidth,
+  the rest of the step, and the slowest kernels."""
   timed = [k for k in kernels if 'run_ms' in k]
   untimed = [k for k in kernels if 'run_ms' not in k]
   per_kind = collections.defaultdict(lambda: {'kernels': 0, 'ms': 0.0, 'gflop': 0.0, 'gb': 0.0})
@@ -254,14 +284,14 @@ def summarize(kernels: list[dict], leftover: dict, bandwidth: float, step_ms: fl
   untimed_gb = sum(k['bytes'] for k in untimed) / 1e9
   out = {'kernels': len(kernels), 'timed_kernels': len(timed), 'timed_ms': round(timed_ms, 3),
          'ambiguous_kernels': sum(k['ambiguous'] for k in timed),
-         'untimed_with_signature': sum('signature' in k for k in untimed), **leftover,
+         'loose_matches': sum(k['match'] == 'loose' for k in timed), **leftover,
          'per_kind': dict(sorted(per_kind.items(), key=lambda kv: -kv[1]['ms'])),
          'other_kernels': len(untimed), 'other_gb': round(untimed_gb, 3),
          'other_ms_at_bandwidth': round(untimed_gb * 1e9 / bandwidth * 1e3, 3)}
   if step_ms is not None:  # what neither the timed kernels nor the others' traffic at full bandwidth account for
     out['step_ms'] = step_ms
     out['rest_ms'] = round(step_ms - timed_ms - out['other_ms_at_bandwidth'], 3)
-  out['top'] = [{'name': k['name'], 'kind': k['kind'], 'shapes': _shapes_of(k['signature']),
+  out['top'] = [{'name': k['name'], 'kind': k['kind'], 'shapes': k['shapes'],
                  'backend': k['backend'], 'ms': round(k['run_ms'], 4),
                  'tflop_per_s': round(k['flops'] / k['run_ms'] / 1e9, 1) if k.get('flops') else None,
                  'gb_per_s': round(k['bytes'] / k['run_ms'] / 1e6, 1), 'origin': k['origin']}

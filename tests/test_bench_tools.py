@@ -281,3 +281,27 @@ def test_kernel_times_reads_a_device_runs_output_folder(tmp_path):
   entries, programs, times = kernel_times.run_rows(str(tmp_path))
   assert len(entries) == 6 and sorted(programs) == ['bfloat16_b128_k1_base', 'bfloat16_b128_k4_base']
   assert times == {'bfloat16_b128_k1_base': 1.5, 'bfloat16_b512_k1_base': 6.0}
+
+
+def test_kernel_times_match_xla_gpus_own_autotuning_keys():
+  """The keys XLA:GPU's autotuner looked up while compiling a small U-Net's training step (its canonical texts,
+  tests/fixtures/make_xla_gpu_fixtures.py) each find their instructions in the compiled program: every library
+  call and nearly every fusion gets a time, no key is left over."""
+  import gzip
+  import json
+  import os
+  from bench import kernel_times
+  here = os.path.join(os.path.dirname(__file__), 'fixtures')
+  with gzip.open(os.path.join(here, 'xla_gpu_autotune_keys.json.gz'), 'rt') as f:
+    keys = json.load(f)
+  with gzip.open(os.path.join(here, 'xla_gpu_step.hlo.txt.gz'), 'rt') as f:
+    kernels = kernel_times.program_kernels(f.read())
+  entries = [{'hlo': k['hlo'], 'device': k['device'], 'run_ms': 0.001 * (1 + i % 7), 'backend': 'x', 'failed': False}
+             for i, k in enumerate(keys)]
+  assert kernel_times.attribute(kernels, entries) == {'unmatched_entries': 0}
+  calls = [k for k in kernels if k['kind'].startswith('__cudnn')]
+  assert len(calls) > 20 and all('run_ms' in k and k['match'] == 'exact' for k in calls)
+  fusions = [k for k in kernels if k['kind'].startswith('fusion')]
+  timed = [k for k in fusions if 'run_ms' in k]
+  assert len(timed) >= 0.9 * len(fusions) and sum(k['ambiguous'] for k in timed) <= 0.05 * len(timed)
+  assert any(k['flops'] for k in timed if k['kind'] == 'fusion kCustom')  # the attention's GEMM fusions
