@@ -6,8 +6,9 @@ scheduler loop in Python as diffusers' pipelines run it. Random weights. Prints 
   BertModel of all-MiniLM-L6-v2's shape encodes the prompts and the empty prompt once (mean pooling), a
   UNet2DConditionModel (linear-projection transformers, the pooled text projected onto the time embedding) runs
   on the doubled batch for classifier-free guidance 3, and an AutoencoderKL (f=4) decodes 16x16x4 -> 64x64x3.
-  `--params` prints the parameter counts only (on the CPU): tests/test_bench_tools.py checks ours against them
-  (regenerate: python bench/peer_sampling.py --params > tests/fixtures/peer_params.json).
+  `--params` prints the parameter counts and the DDPM network's training FLOPs per image (torch's FlopCounterMode
+  over a forward and backward pass, attention by its math kernel) only, on the CPU: tests/test_bench_tools.py checks
+  ours against them (regenerate: python bench/peer_sampling.py --params > tests/fixtures/peer_params.json).
 Needs torch, diffusers and transformers (the GPU machine's wheels).
 
   python bench/peer_sampling.py [--network ddpm_cifar10 ldm_text] [--batch 256] [--calls 5] [--eager] [--params]
@@ -35,6 +36,18 @@ def emit(**kw):
 
 def count(module) -> int:
   return sum(p.numel() for p in module.parameters())
+
+
+def train_flops_per_img(model, batch: int = 2) -> float:
+  """FlopCounterMode's count of a forward and backward pass per image, as ../shared/bench/peer_pytorch.py counts
+  for its MFU, with attention by the math kernel (explicit matrix products, which the CPU's fused kernel leaves
+  uncounted; on a GPU the flash kernel's backward also counts its recomputed scores)."""
+  from torch.nn.attention import SDPBackend, sdpa_kernel
+  from torch.utils.flop_counter import FlopCounterMode
+  x, t = torch.randn(batch, 3, 32, 32), torch.randint(0, 1000, (batch,))
+  with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+    model(x, t).sample.sum().backward()
+  return counter.get_total_flops() / batch
 
 
 def ddpm_unet():  # the configuration of ../shared/bench/peer_pytorch.py
@@ -199,7 +212,8 @@ def main():
   args = parser.parse_args()
   if args.params:
     vae = text_vae()
-    emit(what='params', ddpm_cifar10={'unet': count(ddpm_unet())},
+    unet = ddpm_unet()
+    emit(what='params', ddpm_cifar10={'unet': count(unet)}, ddpm_cifar10_train_flops_per_img=train_flops_per_img(unet),
          ldm_text={'unet': count(text_unet()), 'vae_decoder': count(vae.decoder) + count(vae.post_quant_conv),
                    'text_encoder': count(text_encoder())})
     return

@@ -2,9 +2,15 @@
 
 One step = eps loss on a uint8 batch scaled on device, backward, Adam with clipping, EMA update; the
 state is donated. Prints one JSON line per (dtype, batch, steps_per_call):
-  img_per_s (median over timed calls), step_ms, compile_s, peak_mem_gb, and MFU from XLA's cost
-  analysis of the lowered program (flops of the whole step / step time / peak; the peak is the H100 SXM
-  dense bf16 rate, 989 TFLOP/s, as in the PyTorch peer's log).
+  img_per_s (median over timed calls), step_ms, compile_s, peak_mem_gb, and MFU (FLOPs per step / step time /
+  peak; the peak is the H100 SXM dense bf16 rate, 989 TFLOP/s, as in the PyTorch peer's log) by two counts:
+  - matmul_flops_per_img, mfu_matmul_vs_989tf: the convolutions' and matrix products' multiply-adds x 2, every
+    window tap (padding included), read from the step's jaxpr (`matmul_flops`): torch's FlopCounterMode convention,
+    by which the peer reports its MFU. 37.32 GFLOP per image for the DDPM network, equal to FlopCounterMode's count
+    of the peer's diffusers network run with math attention (tests/test_bench_tools.py); the peer's own log says
+    37.49 because on a GPU FlopCounterMode also counts the flash-attention backward's recomputed scores.
+  - flops_per_img, mfu_vs_989tf: XLA's cost analysis of the lowered program (only the window taps inside the
+    image, plus elementwise operations): 35.0 GFLOP per image.
 
   python bench/train_throughput.py [--batch 128 512] [--dtype bfloat16 float32] [--steps 20]
       [--variant base 'model.dropout=0.0' 'model.attention=pallas'] [--profile DIR] [--dump_hlo DIR]
@@ -23,6 +29,7 @@ import argparse
 import ast
 import gzip
 import json
+import math
 import os
 import statistics
 import sys
@@ -105,16 +112,42 @@ def step_flops(lowered) -> float:
   return float(cost.get('flops', 0.0))
 
 
+def matmul_flops(jaxpr) -> float:
+  """Multiply-adds x 2 of the convolutions and dot products a (closed) jaxpr runs, sub-jaxprs included (a scan's
+  body times its length, a cond's costliest branch, a while body once). Every window tap counts, padding included,
+  as in torch's FlopCounterMode; an input-dilated convolution (the input gradient of a strided one) counts the taps
+  that meet its input, i.e. the strided convolution's own multiply-adds."""
+  total = 0.0
+  for eqn in getattr(jaxpr, 'jaxpr', jaxpr).eqns:
+    name, params = eqn.primitive.name, eqn.params
+    out = eqn.outvars[0].aval.shape if eqn.outvars else ()
+    if name == 'conv_general_dilated':
+      kernel = eqn.invars[1].aval.shape
+      out_features = kernel[params['dimension_numbers'].rhs_spec[0]]
+      total += 2.0 * math.prod(out) * math.prod(kernel) / out_features / math.prod(params['lhs_dilation'])
+    elif name == 'dot_general':
+      (contracting, _), _ = params['dimension_numbers']
+      total += 2.0 * math.prod(out) * math.prod(eqn.invars[0].aval.shape[d] for d in contracting)
+    inner = [[sub for sub in (v if isinstance(v, (tuple, list)) else (v,)) if hasattr(getattr(sub, 'jaxpr', sub), 'eqns')]
+             for v in params.values()]
+    for subs in filter(None, inner):
+      counts = [matmul_flops(sub) for sub in subs]
+      total += (max(counts) if name == 'cond' else sum(counts)) * (params['length'] if name == 'scan' else 1)
+  return total
+
+
 def measure(dtype: str, batch: int, steps_per_call: int, timed_calls: int, image_size: int, nf: int,
             variant: str = 'base', profile_dir: str | None = None, hlo_dir: str | None = None) -> dict:
   fn, state, batches = build_step(dtype, batch, steps_per_call, image_size, nf, variant)
   batches = jax.device_put(batches)
 
   t0 = time.perf_counter()
-  lowered = fn.lower(state, batches)
+  traced = fn.trace(state, batches)
+  lowered = traced.lower()
   compiled = lowered.compile()
   compile_s = time.perf_counter() - t0
   flops = step_flops(lowered)
+  mm_flops = matmul_flops(traced.jaxpr) / steps_per_call  # the scan's body counts once per step here
 
   for _ in range(3):  # warm-up
     state, metrics = compiled(state, batches)
@@ -150,6 +183,8 @@ def measure(dtype: str, batch: int, steps_per_call: int, timed_calls: int, image
               variant=variant,
               img_per_s=round(batch / step_s, 1), step_ms=round(step_s * 1e3, 2),
               step_ms_min=round(min(times) * 1e3, 2), compile_s=round(compile_s, 1),
+              matmul_flops_per_img=round(mm_flops / batch),
+              mfu_matmul_vs_989tf=round(mm_flops / step_s / PEAK_FLOPS, 4),
               flops_per_img=round(flops / batch) if flops else None,
               mfu_vs_989tf=round(flops / step_s / PEAK_FLOPS, 4) if flops else None,
               peak_mem_gb=round(mem.get('peak_bytes_in_use', 0) / 2 ** 30, 2),

@@ -118,10 +118,28 @@ def test_train_bench_counts_one_steps_flops_whatever_the_steps_per_call():
   cost analysis counts the scan's body once; the bench divided by the steps per call before)."""
   from bench import train_throughput
   flops, small = {}, 'model.ch_mult=(1,2),model.num_res_blocks=1,model.attn_resolutions=(4,)'
+  matmul = {}
   for k in (1, 2):
     fn, state, batches = train_throughput.build_step('float32', 2, k, image_size=8, nf=32, variant=small)
-    flops[k] = train_throughput.step_flops(fn.lower(state, batches))
+    traced = fn.trace(state, batches)
+    flops[k] = train_throughput.step_flops(traced.lower())
+    matmul[k] = train_throughput.matmul_flops(traced.jaxpr) / k  # the jaxpr holds the scan's body k times over
   assert flops[1] > 0 and flops[2] == pytest.approx(flops[1], rel=1e-3)
+  assert matmul[1] > 0 and matmul[2] == matmul[1]
+
+
+def test_train_bench_counts_the_peers_flops_by_its_convention():
+  """The convolution and matmul FLOPs of our DDPM CIFAR-10 training step per image are exactly torch's
+  FlopCounterMode count of the peer's diffusers network (tests/fixtures/peer_params.json, bench/peer_sampling.py
+  --params): the same network, every window tap counted, a strided convolution's input gradient by its own
+  multiply-adds (counting the zeros its input dilation inserts would give 0.5 GFLOP more)."""
+  import json
+  import os
+  from bench import train_throughput
+  with open(os.path.join(os.path.dirname(__file__), 'fixtures', 'peer_params.json')) as f:
+    peer = json.load(f)['ddpm_cifar10_train_flops_per_img']
+  fn, state, batches = train_throughput.build_step('bfloat16', 1, 1)
+  assert train_throughput.matmul_flops(fn.trace(state, batches).jaxpr) == peer
 
 
 # An XLA:GPU program in the form of its optimized HLO dump (lines as in the H200 description's batch-128 step, cut
