@@ -7,7 +7,7 @@
 # check    bench/gpu_checks.py: cuDNN and Pallas attention against XLA (bf16), ~1 min
 # sample   ours (both networks, bf16), then the peer (same networks, torch.compile), ~8 min; NETWORKS=ddpm_cifar10
 #          for the DDPM network alone
-# train    the training step, bf16 and fp32 at batch 128 and 512, ~5 min
+# train    the training step, bf16 and fp32 at batch 128 and 512, with their compiled HLO (hlo.tar), ~5 min
 # train16  the bf16 step at batch 128 and 512, each with its per-op profile and compiled HLO (hlo.tar), ~3 min
 # profile  the bf16 batch-512 step: base, Pallas flash attention (cuDNN's rejects the DDPM network's 256-wide
 #          head), no dropout; each with a per-op profile and its compiled HLO (returned as $OUT/hlo.tar, to
@@ -41,7 +41,8 @@ for what in "${@:-all}"; do
     check|all) run check 120 python3 bench/gpu_checks.py ;;&
     sample|all) run sample 240 python3 bench/sample_throughput.py --dtype bfloat16 --network $NETWORKS --dump_hlo /tmp/hlo
                 run peer_sampling 300 python3 bench/peer_sampling.py --calls 3 --network $NETWORKS ;;&
-    train|all) run train 300 python3 bench/train_throughput.py --dtype bfloat16 float32 --batch 128 512 ;;&
+    train|all) run train 300 python3 bench/train_throughput.py --dtype bfloat16 float32 --batch 128 512 \
+                 --dump_hlo /tmp/hlo ;;&
     train16) run train 260 python3 bench/train_throughput.py --dtype bfloat16 --batch 512 128 \
                --profile /tmp/profile --dump_hlo /tmp/hlo; tar -C /tmp -cf "$OUT/hlo.tar" hlo ;;
     profile|all) run profile 400 python3 bench/train_throughput.py --dtype bfloat16 --batch 512 --steps 10 \
