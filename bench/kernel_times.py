@@ -15,8 +15,9 @@ the TFLOP/s of those with FLOPs), the untimed kernels' bytes at the memory bandw
 Matching: an entry's key is XLA's canonical text of the instruction (a library call) or of its fused computation
 (AutotuneCacheKey); a library call matches by kind, shapes with layouts, window and identifying config fields, a
 fusion by its computation written the same way (constants' values left out), else, for a GEMM fusion XLA rewrote
-after autotuning, by its parameter, root and dot shapes. tests/fixtures/xla_gpu_autotune_keys.json.gz holds XLA's
-own keys of a small step to check this against.
+after autotuning, by its parameter, root and dot shapes, else by its parameter and root shapes and operations (for
+another XLA version's printing). tests/fixtures/xla_gpu_autotune_keys.json.gz holds XLA's own keys of a small step
+to check this against.
 
 Limits: a run time is XLA's measurement of the kernel alone, warm, on its own buffers (the step's own launch may
 differ, e.g. with a cold L2); an entry measured once stands for every launch of its key (entries that share a key
@@ -159,17 +160,20 @@ def canonical_fusion(lines: list[str]) -> str:
   return _CONSTANT.sub(' constant(C)', '{\n' + '\n'.join(out) + '\n}')
 
 
-def _computation(lines: list[str]) -> tuple[tuple | None, float | None]:
-  """(a GEMM fusion's loose key or None, FLOPs of its dots) from a fused computation's lines, in the program's form
-  (operands named) or a key's (operands written with their shapes). The loose key (parameter, root and dot shapes,
-  dot dimensions) still matches after XLA rewrote a GEMM fusion's inside once autotuned."""
-  parameters, shapes, root, dots, flops = {}, {}, '', [], 0.0
+def _computation(lines: list[str]) -> tuple[dict, float | None]:
+  """({'loose': ..., 'shape': ...} keys, FLOPs of its dots) of a fused computation's lines, in the program's form
+  (operands named) or a key's (operands written with their shapes). The loose key of a GEMM fusion (parameter,
+  root and dot shapes, dot dimensions) still matches after XLA rewrote its inside once autotuned; the shape key of
+  any fusion (parameter and root shapes, its operations counted) matches where the exact text does not (another
+  XLA version's printing), at the price of joining fusions that differ only in how the same operations connect."""
+  parameters, shapes, root, dots, flops, ops = {}, {}, '', [], 0.0, collections.Counter()
   for line in lines:
     m = _LINE.match(line)
     if not m:
       continue
     is_root, name, result, op, args, attrs = m.groups()
     shapes[name] = result
+    ops[op] += 1
     if op == 'parameter':
       parameters[int(args)] = result
     if is_root:
@@ -180,8 +184,9 @@ def _computation(lines: list[str]) -> tuple[tuple | None, float | None]:
       flops += 2 * math.prod(_dims(result)) * math.prod(_dims(lhs[0])[c] for c in contracting)
       dots.append((result, *(_attr(f'{side}_{kind}_dims', attrs or '') for side in ('lhs', 'rhs')
                              for kind in ('batch', 'contracting'))))
-  loose = ('gemm fusion', tuple(parameters[i] for i in sorted(parameters)), root, tuple(dots)) if dots else None
-  return loose, flops or None
+  inputs = tuple(parameters[i] for i in sorted(parameters))
+  return {'loose': ('gemm fusion', inputs, root, tuple(dots)) if dots else None,
+          'shape': ('fusion', inputs, root, tuple(sorted(ops.items())))}, flops or None
 
 
 def call_flops(target: str, result: str, operands: list[str], attrs: str) -> float | None:
@@ -199,21 +204,20 @@ def call_flops(target: str, result: str, operands: list[str], attrs: str) -> flo
   return None
 
 
-def key_match(hlo: str) -> tuple:
-  """(exact key, loose key or None) of an autotune entry's canonical instruction text: a fusion's computation
-  (constants' values left out), a library call's signature."""
+def key_match(hlo: str) -> dict:
+  """The keys (exact, loose, shape; None where a level does not apply) of an autotune entry's canonical instruction
+  text: a fusion's computation (constants' values left out), a library call's signature."""
   if hlo.lstrip().startswith('{'):  # a fusion: its computation, operands written as 'shape tmp_i'
-    loose, _ = _computation(hlo.strip().strip('{}').splitlines())
-    return _CONSTANT.sub(' constant(C)', hlo.strip()), loose
+    keys, _ = _computation(hlo.strip().strip('{}').splitlines())
+    return {'exact': _CONSTANT.sub(' constant(C)', hlo.strip()), **keys}
   m = re.match(r'^(\(.*?\)|\S+) custom-call\((.*?)\)(, .*)?$', hlo.strip(), re.S)
-  if not m:
-    return ('unparsed', hlo), None
-  return call_signature(m.group(1), _shapes(m.group(2)), m.group(3) or ''), None
+  exact = call_signature(m.group(1), _shapes(m.group(2)), m.group(3) or '') if m else ('unparsed', hlo)
+  return {'exact': exact, 'loose': None, 'shape': None}
 
 
 def program_kernels(hlo_text: str) -> list[dict]:
   """The entry computation's kernels (gpu_program.kernels: name, kind, bytes) with, for library calls and fusions,
-  the keys their autotune entries match (exact, loose), their shapes and FLOPs."""
+  the keys their autotune entries match (`keys`: exact, loose, shape), their shapes and FLOPs."""
   kernels = {k['name']: k for k in gpu_program.kernels(hlo_text)}
   shapes = {}
   strip = lambda shapes: ', '.join(re.sub(r'\{[^}]*\}', '', s) for s in shapes if not _SCRATCH.match(s))
@@ -229,12 +233,12 @@ def program_kernels(hlo_text: str) -> list[dict]:
     operands = [shapes.get(o, '') for o in re.findall(r'%([\w.\-]+)', args)]
     if op == 'custom-call':
       target = re.search(r'custom_call_target="([^"]+)"', attrs).group(1)
-      kernels[name].update(exact=call_signature(result, operands, attrs), loose=None,
+      kernels[name].update(keys={'exact': call_signature(result, operands, attrs), 'loose': None, 'shape': None},
                            flops=call_flops(target, result, operands, attrs))
     elif op == 'fusion':
       lines = gpu_program._instructions(hlo_text, re.search(r'calls=%([\w.\-]+)', attrs).group(1)).splitlines()
-      loose, flops = _computation(lines)
-      kernels[name].update(exact=canonical_fusion(lines), loose=loose, flops=flops)
+      keys, flops = _computation(lines)
+      kernels[name].update(keys={'exact': canonical_fusion(lines), **keys}, flops=flops)
     else:
       continue
     kernels[name]['shapes'] = f'{strip(operands)} -> {strip(_shapes(result))}'
@@ -243,19 +247,19 @@ def program_kernels(hlo_text: str) -> list[dict]:
 
 def attribute(kernels: list[dict], entries: list[dict]) -> dict:
   """Each kernel's measured run time (ms, `run_ms`) from the entries of its exact key, else of its loose key (a
-  GEMM fusion rewritten after autotuning); several entries for one key are averaged (`ambiguous`). Returns the
-  count of entries no kernel matched."""
+  GEMM fusion rewritten after autotuning), else of its shape key (`match` says which); several entries for one key
+  are averaged (`ambiguous`). Returns the count of entries no kernel matched."""
   index = collections.defaultdict(list)
   for i, e in enumerate(entries):
     if not e['failed'] and e['run_ms'] > 0:
-      exact, loose = key_match(e['hlo'])
-      index['exact', exact].append(i)
-      if loose is not None:
-        index['loose', loose].append(i)
+      for how, key in key_match(e['hlo']).items():
+        if key is not None:
+          index[how, key].append(i)
   used = set()
   for k in kernels:
-    for how in ('exact', 'loose'):
-      matched = index.get((how, k.get(how)), []) if k.get(how) is not None else []
+    for how in ('exact', 'loose', 'shape'):
+      key = k.get('keys', {}).get(how)
+      matched = index.get((how, key), []) if key is not None else []
       if matched:
         k.update(run_ms=sum(entries[i]['run_ms'] for i in matched) / len(matched), match=how,
                  backend='/'.join(sorted({entries[i]['backend'] for i in matched})), ambiguous=len(matched) > 1)
@@ -284,7 +288,7 @@ def summarize(kernels: list[dict], leftover: dict, bandwidth: float, step_ms: fl
   untimed_gb = sum(k['bytes'] for k in untimed) / 1e9
   out = {'kernels': len(kernels), 'timed_kernels': len(timed), 'timed_ms': round(timed_ms, 3),
          'ambiguous_kernels': sum(k['ambiguous'] for k in timed),
-         'loose_matches': sum(k['match'] == 'loose' for k in timed), **leftover,
+         'matched_by': dict(collections.Counter(k['match'] for k in timed)), **leftover,
          'per_kind': dict(sorted(per_kind.items(), key=lambda kv: -kv[1]['ms'])),
          'other_kernels': len(untimed), 'other_gb': round(untimed_gb, 3),
          'other_ms_at_bandwidth': round(untimed_gb * 1e9 / bandwidth * 1e3, 3)}
