@@ -29,9 +29,11 @@ forward); an instruction XLA did not have to choose for may carry no time; entri
       [--target h200] [--top 15]
   python bench/kernel_times.py --run OUT_DIR [--target h200]   # every program of a device_run.sh call
 
---run reads what a bench/device_run.sh call returned (its autotune_*.textproto, hlo.tar or hlo/, and the *.log
-rows) and prints one line per program that has a timed row: the training steps with one step per call and the
-forward rows (the other programs' entries in the same files count as unmatched).
+--run reads what a bench/device_run.sh call returned (its autotune_*.textproto, hlo.tar, and the *.log rows) and
+prints one line per program that has a timed row: the training steps with one step per call and the forward rows
+(the other programs' entries in the same files count as unmatched). A program compiled here for the GPU description
+(bench/gpu_program.py --hlo, e.g. a variant not yet run) can be read against a device run's entries the same way:
+its unchanged kernels get their device times, the new ones their bytes at bandwidth.
 """
 
 import argparse
@@ -319,7 +321,7 @@ def run_rows(folder: str) -> tuple[list[dict], dict[str, str], dict[str, float]]
           if member.name.endswith('.hlo.txt.gz'):
             programs[os.path.basename(member.name)[:-len('.hlo.txt.gz')]] = gzip.decompress(
                 tar.extractfile(member).read()).decode()
-    elif name.endswith('.log'):
+    elif name.endswith('.log') and name != 'graphs.log':  # graphs' rows ran under other flags than the programs
       with open(path) as f:
         for line in f:
           row = json.loads(line) if line.startswith('{') else {}
