@@ -116,7 +116,8 @@ def matmul_flops(jaxpr) -> float:
   """Multiply-adds x 2 of the convolutions and dot products a (closed) jaxpr runs, sub-jaxprs included (a scan's
   body times its length, a cond's costliest branch, a while body once). Every window tap counts, padding included,
   as in torch's FlopCounterMode; an input-dilated convolution (the input gradient of a strided one) counts the taps
-  that meet its input, i.e. the strided convolution's own multiply-adds."""
+  that meet its input, i.e. the strided convolution's own multiply-adds. Attention run by a fused kernel (the cuDNN
+  or Pallas variants) is not seen: 1.0 of the DDPM network's 37.3 GFLOP per image."""
   total = 0.0
   for eqn in getattr(jaxpr, 'jaxpr', jaxpr).eqns:
     name, params = eqn.primitive.name, eqn.params
@@ -128,8 +129,8 @@ def matmul_flops(jaxpr) -> float:
     elif name == 'dot_general':
       (contracting, _), _ = params['dimension_numbers']
       total += 2.0 * math.prod(out) * math.prod(eqn.invars[0].aval.shape[d] for d in contracting)
-    inner = [[sub for sub in (v if isinstance(v, (tuple, list)) else (v,)) if hasattr(getattr(sub, 'jaxpr', sub), 'eqns')]
-             for v in params.values()]
+    is_jaxpr = lambda sub: hasattr(getattr(sub, 'jaxpr', sub), 'eqns')
+    inner = [[sub for sub in (v if isinstance(v, (tuple, list)) else (v,)) if is_jaxpr(sub)] for v in params.values()]
     for subs in filter(None, inner):
       counts = [matmul_flops(sub) for sub in subs]
       total += (max(counts) if name == 'cond' else sum(counts)) * (params['length'] if name == 'scan' else 1)

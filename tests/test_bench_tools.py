@@ -178,11 +178,13 @@ ENTRY %main.637 (x: bf16[128,32,32,128], w: bf16[128,3,3,128], a: bf16[128,512],
 '''
 
 _ACT, _FILTER = 'bf16[128,32,32,128]{3,2,1,0}', 'bf16[128,3,3,128]{3,2,1,0}'
+# A convolution's key as XLA logs it (before autotuning: no algorithm in the config; keys of the JSON sorted).
 _CONV_KEY = ('({out}, u8[0]{{0}}) custom-call({ops}), '
              'window={{size=3x3 pad=1_1x1_1}}, dim_labels=b01f_o01i->b01f, custom_call_target=\\"{target}\\", '
-             'backend_config={{\\"cudnn_conv_backend_config\\":{{\\"activation_mode\\":\\"{act}\\",\\"algorithm\\":'
-             '{{\\"algo_id\\":\\"-1\\",\\"math_type\\":\\"DEFAULT_MATH\\"}},\\"conv_result_scale\\":1,\\"leakyrelu_alpha\\":0,'
-             '\\"side_input_scale\\":0}},\\"force_earliest_schedule\\":false,\\"operation_queue_id\\":\\"0\\"}}')
+             'backend_config={{\\"cudnn_conv_backend_config\\":{{\\"activation_mode\\":\\"{act}\\",'
+             '\\"conv_result_scale\\":1,\\"leakyrelu_alpha\\":0,\\"side_input_scale\\":0}},'
+             '\\"device_type\\":\\"DEVICE_TYPE_INVALID\\",\\"force_earliest_schedule\\":false,'
+             '\\"operation_queue_id\\":\\"0\\",\\"reification_cost\\":[]}}')
 # XLA's autotune results in their text format (xla/autotune_results.proto; `hlo` is the instruction's canonical
 # text, a fusion's computation for fusions), with fields this reader skips (algorithms, Any configs, enums).
 _RESULTS = '''version: 3
@@ -237,8 +239,8 @@ def test_kernel_times_attribute_autotune_run_times_to_the_programs_launches():
   kernels = kernel_times.program_kernels(_PROGRAM)
   leftover = kernel_times.attribute(kernels, entries)
   by_name = {k['name']: k for k in kernels}
-  assert [by_name[n].get('run_ms') for n in ('cudnn-conv.1', 'cudnn-conv.2', 'cudnn-conv-bw-filter.3',
-                                              'gemm_fusion_dot.212', 'loop_add_fusion.5')] == [0.05, 0.05, 0.08, 0.02, None]
+  names = ('cudnn-conv.1', 'cudnn-conv.2', 'cudnn-conv-bw-filter.3', 'gemm_fusion_dot.212', 'loop_add_fusion.5')
+  assert [by_name[n].get('run_ms') for n in names] == [0.05, 0.05, 0.08, 0.02, None]
   assert leftover == {'unmatched_entries': 2}
   conv_flops = 2 * (128 * 32 * 32 * 128) * (3 * 3 * 128)  # per output element: a 3x3 window over 128 channels
   assert by_name['cudnn-conv.1']['flops'] == by_name['cudnn-conv-bw-filter.3']['flops'] == conv_flops
