@@ -200,8 +200,8 @@ def call_flops(target: str, result: str, operands: list[str], attrs: str) -> flo
     labels = _attr('dim_labels', attrs)  # e.g. b01f_o01i->b01f: input, filter, output dimension labels
     out_features = _dims(filt)[labels.split('_')[1].split('->')[0].index('o')]
     return 2.0 * math.prod(_dims(out)) * math.prod(_dims(filt)) / out_features
-  if target.startswith('__cublas'):
-    contracting = [int(c) for c in re.findall(r'\d+', dict(_config(attrs)).get('lhs_contracting_dimensions', ''))]
+  contracting = [int(c) for c in re.findall(r'\d+', dict(_config(attrs)).get('lhs_contracting_dimensions', ''))]
+  if target.startswith('__cublas') and contracting:
     return 2.0 * math.prod(_dims(results[0])) * math.prod(_dims(operands[0])[c] for c in contracting)
   return None
 
