@@ -30,7 +30,7 @@ export PYTHONUNBUFFERED=1
 export JAX_COMPILATION_CACHE_DIR=/tmp/jax_cache XLA_FLAGS="--xla_gpu_per_fusion_autotune_cache_dir=/tmp/xla_autotune"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/device.txt"
 # JSON lines to $OUT/<name>.log and the console; everything (warnings, tracebacks) to $OUT/raw.txt. XLA:GPU writes
-# its autotuning results (the chosen kernel of each convolution, GEMM and most fusions, with its measured run time) to
+# its autotuning results (the kernel chosen for each convolution, GEMM and tuned fusion, with its measured time) to
 # $OUT/autotune_<name>.textproto: with the compiled programs of hlo.tar, bench/kernel_times.py says on the CPU what
 # those kernels take per step (the traces of the lent machines have held no kernel events). No device time.
 run() { local name=$1 limit=$2; shift 2
