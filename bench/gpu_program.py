@@ -80,7 +80,7 @@ def _instructions(hlo_text: str, computation: str | None = None) -> str:
 
 def kernels(hlo_text: str, computation: str | None = None) -> list[dict]:
   """The kernels of the program's entry computation (or of the named one, e.g. a loop body), in order: name, kind,
-  bytes read + written, JAX origin."""
+  bytes read + written, JAX origin, and the instruction (op, result shape, operand shapes, attributes)."""
   shapes, out = {}, []
   for line in _instructions(hlo_text, computation).splitlines():
     m = _KERNEL.match(line)
@@ -97,10 +97,11 @@ def kernels(hlo_text: str, computation: str | None = None) -> list[dict]:
       kind = 'fusion ' + re.search(r'kind=(k\w+)', rest).group(1)
     else:
       kind = op
-    read = sum(shape_bytes(shapes.get(o, '')) for o in re.findall(r'%([\w.\-]+)', args))
+    operands = [shapes.get(o, '') for o in re.findall(r'%([\w.\-]+)', args)]
     origin = re.search(r'op_name="([^"]*)"', rest)
-    out.append({'name': name, 'kind': kind, 'bytes': read + shape_bytes(result),
-                'origin': origin.group(1) if origin else ''})
+    out.append({'name': name, 'kind': kind, 'bytes': sum(map(shape_bytes, operands)) + shape_bytes(result),
+                'origin': origin.group(1) if origin else '', 'op': op, 'result': m.group(2), 'operands': operands,
+                'attrs': rest})
   return out
 
 

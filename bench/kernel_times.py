@@ -218,33 +218,24 @@ def key_match(hlo: str) -> dict:
 
 
 def program_kernels(hlo_text: str) -> list[dict]:
-  """The entry computation's kernels (gpu_program.kernels: name, kind, bytes) with, for library calls and fusions,
-  the keys their autotune entries match (`keys`: exact, loose, shape), their shapes and FLOPs."""
-  kernels = {k['name']: k for k in gpu_program.kernels(hlo_text)}
-  shapes = {}
+  """The entry computation's kernels (gpu_program.kernels) with, for library calls and fusions, the keys their
+  autotune entries match (`keys`: exact, loose, shape), their shapes and FLOPs."""
+  kernels = gpu_program.kernels(hlo_text)
   strip = lambda shapes: ', '.join(re.sub(r'\{[^}]*\}', '', s) for s in shapes if not _SCRATCH.match(s))
-  for line in gpu_program._instructions(hlo_text).splitlines():
-    m = _LINE.match(line)
-    if not m:
-      continue
-    _, name, result, op, args, attrs = m.groups()
-    attrs = attrs or ''
-    shapes[name] = result
-    if name not in kernels:
-      continue
-    operands = [shapes.get(o, '') for o in re.findall(r'%([\w.\-]+)', args)]
+  for k in kernels:
+    op, result, operands, attrs = k['op'], k['result'], k['operands'], k['attrs']
     if op == 'custom-call':
       target = re.search(r'custom_call_target="([^"]+)"', attrs).group(1)
-      kernels[name].update(keys={'exact': call_signature(result, operands, attrs), 'loose': None, 'shape': None},
-                           flops=call_flops(target, result, operands, attrs))
+      k.update(keys={'exact': call_signature(result, operands, attrs), 'loose': None, 'shape': None},
+               flops=call_flops(target, result, operands, attrs))
     elif op == 'fusion':
       lines = gpu_program._instructions(hlo_text, re.search(r'calls=%([\w.\-]+)', attrs).group(1)).splitlines()
       keys, flops = _computation(lines)
-      kernels[name].update(keys={'exact': canonical_fusion(lines), **keys}, flops=flops)
+      k.update(keys={'exact': canonical_fusion(lines), **keys}, flops=flops)
     else:
       continue
-    kernels[name]['shapes'] = f'{strip(operands)} -> {strip(_shapes(result))}'
-  return list(kernels.values())
+    k['shapes'] = f'{strip(operands)} -> {strip(_shapes(result))}'
+  return kernels
 
 
 def attribute(kernels: list[dict], entries: list[dict]) -> dict:
