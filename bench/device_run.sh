@@ -18,7 +18,8 @@
 # graphs   the bf16 step at batch 128 and 512 (1 and 4 steps per call) with XLA:GPU's command buffers (CUDA graphs)
 #          for fusions, cuBLAS, cuDNN and custom calls from one command up (XLA's default: from 5 consecutive
 #          ones): to try if the profile's idle_share says kernel launches bound the step (compare with the train
-#          rows), ~4 min
+#          rows; its compiled programs come back as $OUT/hlo_graphs.tar: whether XLA formed the graphs on the
+#          device, and kernel_times' rest of each call against train16's), ~4 min
 set -uo pipefail
 OUT=${OUT:-bench_out}; mkdir -p "$OUT"; OUT=$(cd "$OUT" && pwd)  # absolute: XLA writes into it
 NETWORKS=${NETWORKS:-ddpm_cifar10 ldm_text}
@@ -51,7 +52,8 @@ for what in "${@:-all}"; do
     peer) PEER_QUICK=0 run peer 420 python3 .peer/peer_pytorch.py ;;
     peer_quick) PEER_QUICK=1 run peer 240 python3 .peer/peer_pytorch.py ;;
     graphs) GRAPHS="--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUDNN,CUSTOM_CALL --xla_gpu_graph_min_graph_size=1"
-            XLA_FLAGS="$XLA_FLAGS $GRAPHS" run graphs 300 python3 bench/train_throughput.py --dtype bfloat16 --batch 128 512 --steps_per_call 1 4 ;;
+            XLA_FLAGS="$XLA_FLAGS $GRAPHS" run graphs 300 python3 bench/train_throughput.py --dtype bfloat16 --batch 128 512 \
+              --steps_per_call 1 4 --dump_hlo /tmp/hlo_graphs; tar -C /tmp -cf "$OUT/hlo_graphs.tar" hlo_graphs ;;
   esac
 done
 [ -d /tmp/hlo ] && tar -C /tmp -cf "$OUT/hlo.tar" hlo

@@ -78,9 +78,15 @@ def _instructions(hlo_text: str, computation: str | None = None) -> str:
   return body[body.index('\n', 1) + 1:body.index('\n}')]
 
 
-def kernels(hlo_text: str, computation: str | None = None) -> list[dict]:
+def kernels(hlo_text: str, computation: str | None = None, launched: bool = False) -> list[dict]:
   """The kernels of the program's entry computation (or of the named one, e.g. a loop body), in order: name, kind,
-  bytes read + written, JAX origin, and the instruction (op, result shape, operand shapes, attributes)."""
+  bytes read + written, JAX origin, and the instruction (op, result shape, operand shapes, attributes).
+
+  A command buffer (a `call` of a computation that XLA:GPU's CommandBufferScheduling outlined, launched as one
+  CUDA graph) stands for its kernels, each marked with `graph` (the computation's name); XLA versions that form
+  graphs from the thunk sequence instead leave no trace in the HLO. launched=True lists what one run launches: a
+  while loop's body kernels once per iteration where XLA knows the trip count (`known_trip_count`; once otherwise,
+  its condition left out)."""
   shapes, out = {}, []
   for line in _instructions(hlo_text, computation).splitlines():
     m = _KERNEL.match(line)
@@ -88,6 +94,15 @@ def kernels(hlo_text: str, computation: str | None = None) -> list[dict]:
       continue
     name, result, op, args, rest = m.group(1), m.group(2), m.group(3), m.group(4), m.group(5) or ''
     shapes[name] = result
+    if op == 'call' or (launched and op == 'while'):
+      callee = re.search(r'(?:to_apply|body)=%([\w.\-]+)', rest).group(1)
+      inner = kernels(hlo_text, callee, launched=launched)
+      if op == 'call':
+        out += [{'graph': callee, **k} for k in inner]
+      else:
+        trips = re.search(r'"known_trip_count":\{"n":"(\d+)"', rest)
+        out += [dict(k) for _ in range(int(trips.group(1)) if trips else 1) for k in inner]
+      continue
     if op in _NOT_KERNELS:
       continue
     if op == 'custom-call':

@@ -21,17 +21,19 @@ to check this against.
 
 Limits: a run time is XLA's measurement of the kernel alone, warm, on its own buffers (the step's own launch may
 differ, e.g. with a cold L2); an entry measured once stands for every launch of its key (entries that share a key
-are averaged, `ambiguous`); the entry computation's kernels are counted once (programs with one step per call, the
-forward); an instruction XLA did not have to choose for may carry no time; entries the program no longer holds
-(e.g. a GEMM fusion then handed to cuBLAS) are left over.
+are averaged, `ambiguous`); an instruction XLA did not have to choose for may carry no time; entries the program no
+longer holds (e.g. a GEMM fusion then handed to cuBLAS) are left over. The kernels are those one run of the program
+launches: a command buffer's (CUDA graph's) kernels are counted (`graph_kernels` says how many ran in graphs), a
+loop body's once per iteration (several steps per call), and every figure is per run (per call).
 
-  python bench/kernel_times.py AUTOTUNE.textproto [...] --hlo PROGRAM.hlo.txt.gz [--step_ms 64.9]
+  python bench/kernel_times.py AUTOTUNE.textproto [...] --hlo PROGRAM.hlo.txt.gz [--call_ms 64.9]
       [--target h200] [--top 15]
   python bench/kernel_times.py --run OUT_DIR [--target h200]   # every program of a device_run.sh call
 
 --run reads what a bench/device_run.sh call returned (its autotune_*.textproto, hlo.tar, and the *.log rows) and
-prints one line per program that has a timed row: the training steps with one step per call and the forward rows
-(the other programs' entries in the same files count as unmatched). A program compiled here for the GPU description
+prints one line per program that has a timed row: the training steps (those of the `graphs` step, run with
+command buffers, as graphs/<row>) and the forward rows (the other programs' entries in the same files count as
+unmatched). A program compiled here for the GPU description
 (bench/gpu_program.py --hlo, e.g. a variant not yet run) can be read against a device run's entries the same way:
 its unchanged kernels get their device times, the new ones their bytes at bandwidth.
 """
@@ -218,10 +220,18 @@ def key_match(hlo: str) -> dict:
 
 
 def program_kernels(hlo_text: str) -> list[dict]:
-  """The entry computation's kernels (gpu_program.kernels) with, for library calls and fusions, the keys their
-  autotune entries match (`keys`: exact, loose, shape), their shapes and FLOPs."""
-  kernels = gpu_program.kernels(hlo_text)
+  """The kernels one run of the program launches (gpu_program.kernels(launched=True): command buffers' kernels
+  included, a loop body's once per iteration) with, for library calls and fusions, the keys their autotune entries
+  match (`keys`: exact, loose, shape), their shapes and FLOPs."""
+  kernels = gpu_program.kernels(hlo_text, launched=True)
   strip = lambda shapes: ', '.join(re.sub(r'\{[^}]*\}', '', s) for s in shapes if not _SCRATCH.match(s))
+
+  @functools.cache
+  def fusion(computation: str) -> tuple[dict, float | None]:  # a loop body's fusions recur once per iteration
+    lines = gpu_program._instructions(hlo_text, computation).splitlines()
+    keys, flops = _computation(lines)
+    return {'exact': canonical_fusion(lines), **keys}, flops
+
   for k in kernels:
     op, result, operands, attrs = k['op'], k['result'], k['operands'], k['attrs']
     if op == 'custom-call':
@@ -229,9 +239,8 @@ def program_kernels(hlo_text: str) -> list[dict]:
       k.update(keys={'exact': call_signature(result, operands, attrs), 'loose': None, 'shape': None},
                flops=call_flops(target, result, operands, attrs))
     elif op == 'fusion':
-      lines = gpu_program._instructions(hlo_text, re.search(r'calls=%([\w.\-]+)', attrs).group(1)).splitlines()
-      keys, flops = _computation(lines)
-      k.update(keys={'exact': canonical_fusion(lines), **keys}, flops=flops)
+      keys, flops = fusion(re.search(r'calls=%([\w.\-]+)', attrs).group(1))
+      k.update(keys=keys, flops=flops)
     else:
       continue
     k['shapes'] = f'{strip(operands)} -> {strip(_shapes(result))}'
@@ -262,9 +271,9 @@ def attribute(kernels: list[dict], entries: list[dict]) -> dict:
   return {'unmatched_entries': len(valid - used)}
 
 
-def summarize(kernels: list[dict], leftover: dict, bandwidth: float, step_ms: float | None, top: int) -> dict:
+def summarize(kernels: list[dict], leftover: dict, bandwidth: float, call_ms: float | None, top: int) -> dict:
   """Measured time per kernel kind (with the TFLOP/s of those with FLOPs), the untimed kernels' bytes at bandwidth,
-  the rest of the step, and the slowest kernels."""
+  the rest of the measured run (call_ms), and the slowest kernels."""
   timed = [k for k in kernels if 'run_ms' in k]
   untimed = [k for k in kernels if 'run_ms' not in k]
   per_kind = collections.defaultdict(lambda: {'kernels': 0, 'ms': 0.0, 'gflop': 0.0, 'gb': 0.0})
@@ -279,15 +288,15 @@ def summarize(kernels: list[dict], leftover: dict, bandwidth: float, step_ms: fl
     row.update(ms=round(row['ms'], 3), gflop=round(row['gflop'], 1), gb=round(row['gb'], 3))
   timed_ms = sum(k['run_ms'] for k in timed)
   untimed_gb = sum(k['bytes'] for k in untimed) / 1e9
-  out = {'kernels': len(kernels), 'timed_kernels': len(timed), 'timed_ms': round(timed_ms, 3),
+  out = {'kernels': len(kernels), 'graph_kernels': sum('graph' in k for k in kernels), 'timed_kernels': len(timed), 'timed_ms': round(timed_ms, 3),
          'ambiguous_kernels': sum(k['ambiguous'] for k in timed),
          'matched_by': dict(collections.Counter(k['match'] for k in timed)), **leftover,
          'per_kind': dict(sorted(per_kind.items(), key=lambda kv: -kv[1]['ms'])),
          'other_kernels': len(untimed), 'other_gb': round(untimed_gb, 3),
          'other_ms_at_bandwidth': round(untimed_gb * 1e9 / bandwidth * 1e3, 3)}
-  if step_ms is not None:  # what neither the timed kernels nor the others' traffic at full bandwidth account for
-    out['step_ms'] = step_ms
-    out['rest_ms'] = round(step_ms - timed_ms - out['other_ms_at_bandwidth'], 3)
+  if call_ms is not None:  # what neither the timed kernels nor the others' traffic at full bandwidth account for
+    out['call_ms'] = call_ms
+    out['rest_ms'] = round(call_ms - timed_ms - out['other_ms_at_bandwidth'], 3)
   out['top'] = [{'name': k['name'], 'kind': k['kind'], 'shapes': k['shapes'],
                  'backend': k['backend'], 'ms': round(k['run_ms'], 4),
                  'tflop_per_s': round(k['flops'] / k['run_ms'] / 1e9, 1) if k.get('flops') else None,
@@ -296,31 +305,39 @@ def summarize(kernels: list[dict], leftover: dict, bandwidth: float, step_ms: fl
   return out
 
 
-def run_rows(folder: str) -> tuple[list[dict], dict[str, str], dict[str, float]]:
-  """(autotune entries, program name -> HLO text, program name -> measured ms per run) of a device_run.sh call's
-  output folder: the training rows with one step per call and the forward rows."""
+_PROGRAMS_OF = {'graphs.log': 'hlo_graphs.tar'}  # where a log's rows' programs are (device_run.sh); else hlo.tar
+
+
+def run_rows(folder: str) -> tuple[list[dict], dict[str, str], dict[str, tuple[float, int]]]:
+  """(autotune entries, program name -> HLO text, program name -> (measured ms per call, steps per call)) of a
+  device_run.sh call's output folder: the training rows and the forward rows, named as their programs
+  (train_throughput / sample_throughput.row_name), those of the `graphs` step (run under command-buffer flags,
+  returned in hlo_graphs.tar) prefixed 'graphs/'."""
   from bench import sample_throughput, train_throughput
+  prefix = lambda archive: '' if archive == 'hlo.tar' else archive[len('hlo_'):-len('.tar')] + '/'
   entries, programs, times = [], {}, {}
   for name in sorted(os.listdir(folder)):
     path = os.path.join(folder, name)
     if name.startswith('autotune_') and name.endswith('.textproto'):
       with open(path) as f:
         entries += read_results(f.read())
-    elif name == 'hlo.tar':
+    elif name.startswith('hlo') and name.endswith('.tar'):
       with tarfile.open(path) as tar:
         for member in tar.getmembers():
           if member.name.endswith('.hlo.txt.gz'):
-            programs[os.path.basename(member.name)[:-len('.hlo.txt.gz')]] = gzip.decompress(
-                tar.extractfile(member).read()).decode()
-    elif name.endswith('.log') and name != 'graphs.log':  # graphs' rows ran under other flags than the programs
+            program = prefix(name) + os.path.basename(member.name)[:-len('.hlo.txt.gz')]
+            programs[program] = gzip.decompress(tar.extractfile(member).read()).decode()
+    elif name.endswith('.log'):
+      pre = prefix(_PROGRAMS_OF.get(name, 'hlo.tar'))
       with open(path) as f:
         for line in f:
           row = json.loads(line) if line.startswith('{') else {}
           dtype = row.get('impl', '?').split()[-1]  # 'ours jax bfloat16'
-          if row.get('what') == 'train' and row.get('steps_per_call') == 1:
-            times[train_throughput.row_name(dtype, row['batch'], 1, row['variant'])] = row['step_ms']
+          if row.get('what') == 'train' and 'steps_per_call' in row:  # ours (the peer's rows have no such field)
+            k = row['steps_per_call']
+            times[pre + train_throughput.row_name(dtype, row['batch'], k, row['variant'])] = (row['step_ms'] * k, k)
           elif row.get('what') in ('denoiser_forward', 'denoiser_forward_cast_once'):
-            times[sample_throughput.row_name(row['network'], dtype, row['what'])] = row['ms']
+            times[pre + sample_throughput.row_name(row['network'], dtype, row['what'])] = (row['ms'], 1)
   return entries, programs, times
 
 
@@ -329,7 +346,7 @@ def main():
   parser.add_argument('autotune', nargs='*', help='autotune results files (text format) of the device run')
   parser.add_argument('--hlo', help="the compiled program's HLO text (.hlo.txt or .hlo.txt.gz)")
   parser.add_argument('--run', help="a device_run.sh call's output folder: every program with a timed row")
-  parser.add_argument('--step_ms', type=float, default=None, help='the measured time of one program run')
+  parser.add_argument('--call_ms', type=float, default=None, help='the measured time of one run of the program')
   parser.add_argument('--target', default='h200', choices=sorted(gpu_program.TARGETS), help='for the bandwidth')
   parser.add_argument('--top', type=int, default=15)
   args = parser.parse_args()
@@ -339,8 +356,9 @@ def main():
     for name in sorted(set(programs) & set(times)):
       kernels = program_kernels(programs[name])
       leftover = attribute(kernels, entries)
-      print(json.dumps({'program': name, 'entries': len(entries),
-                        **summarize(kernels, leftover, bandwidth, times[name], args.top)}))
+      call_ms, steps = times[name]
+      print(json.dumps({'program': name, 'steps_per_call': steps, 'entries': len(entries),
+                        **summarize(kernels, leftover, bandwidth, call_ms, args.top)}))
     return
   if not (args.autotune and args.hlo):
     parser.error('give autotune files and --hlo, or --run')
@@ -353,7 +371,7 @@ def main():
   leftover = attribute(kernels, entries)
   print(json.dumps({'hlo': os.path.basename(args.hlo), 'entries': len(entries),
                     'devices': sorted({e['device'] for e in entries}),
-                    **summarize(kernels, leftover, bandwidth, args.step_ms, args.top)}))
+                    **summarize(kernels, leftover, bandwidth, args.call_ms, args.top)}))
 
 
 if __name__ == '__main__':

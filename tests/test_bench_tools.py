@@ -246,7 +246,7 @@ def test_kernel_times_attribute_autotune_run_times_to_the_programs_launches():
   assert by_name['cudnn-conv.1']['flops'] == by_name['cudnn-conv-bw-filter.3']['flops'] == conv_flops
   assert by_name['gemm_fusion_dot.212']['flops'] == 2 * 128 * 4992 * 512
 
-  s = kernel_times.summarize(kernels, leftover, bandwidth=4.8e12, step_ms=1.0, top=3)
+  s = kernel_times.summarize(kernels, leftover, bandwidth=4.8e12, call_ms=1.0, top=3)
   assert (s['kernels'], s['timed_kernels'], s['other_kernels'], s['ambiguous_kernels']) == (5, 4, 1, 0)
   assert s['timed_ms'] == pytest.approx(0.2)
   fwd = s['per_kind']['__cudnn$convForward']
@@ -280,29 +280,99 @@ def test_kernel_times_flops_agree_with_xla_cost_analysis():
                                  ['f32[64,32]{1,0}', 'f32[32,48]{1,0}'], attrs) == cost(jnp.dot, a, b)
 
 
+# Several steps per call with XLA:GPU's command buffers, as the `graphs` step's programs may be printed: a
+# convolution and a fusion outlined into a command buffer (one CUDA graph), then a loop of 3 iterations over a fusion.
+_LOOP_PROGRAM = '''HloModule jit_call
+
+%fused_add.5 (param_0: bf16[128,32,32,128], param_1: bf16[128,32,32,128]) -> bf16[128,32,32,128] {
+  %param_0 = bf16[128,32,32,128]{3,2,1,0} parameter(0)
+  %param_1 = bf16[128,32,32,128]{3,2,1,0} parameter(1)
+  ROOT %add.1 = bf16[128,32,32,128]{3,2,1,0} add(%param_0, %param_1)
+}
+
+%command_buffer (p0: bf16[128,32,32,128], p1: bf16[128,3,3,128]) -> bf16[128,32,32,128] {
+  %p0 = bf16[128,32,32,128]{3,2,1,0} parameter(0)
+  %p1 = bf16[128,3,3,128]{3,2,1,0} parameter(1)
+  %cudnn-conv.1 = (bf16[128,32,32,128]{3,2,1,0}, u8[1048576]{0}) custom-call(%p0, %p1), window={size=3x3 pad=1_1x1_1}, dim_labels=b01f_o01i->b01f, custom_call_target="__cudnn$convForward", backend_config={"cudnn_conv_backend_config":{"activation_mode":"kNone","conv_result_scale":1,"side_input_scale":0,"leakyrelu_alpha":0}}
+  %get-tuple-element.1 = bf16[128,32,32,128]{3,2,1,0} get-tuple-element(%cudnn-conv.1), index=0
+  ROOT %loop_add_fusion.5 = bf16[128,32,32,128]{3,2,1,0} fusion(%get-tuple-element.1, %p0), kind=kLoop, calls=%fused_add.5
+}
+
+%body (state: (s32[], bf16[128,32,32,128])) -> (s32[], bf16[128,32,32,128]) {
+  %state = (s32[], bf16[128,32,32,128]{3,2,1,0}) parameter(0)
+  %i = s32[] get-tuple-element(%state), index=0
+  %h = bf16[128,32,32,128]{3,2,1,0} get-tuple-element(%state), index=1
+  %loop_add_fusion.6 = bf16[128,32,32,128]{3,2,1,0} fusion(%h, %h), kind=kLoop, calls=%fused_add.5
+  ROOT %tuple.1 = (s32[], bf16[128,32,32,128]{3,2,1,0}) tuple(%i, %loop_add_fusion.6)
+}
+
+%cond (state.1: (s32[], bf16[128,32,32,128])) -> pred[] {
+  %state.1 = (s32[], bf16[128,32,32,128]{3,2,1,0}) parameter(0)
+  %j = s32[] get-tuple-element(%state.1), index=0
+  %three = s32[] constant(3)
+  ROOT %lt = pred[] compare(%j, %three), direction=LT
+}
+
+ENTRY %main.9 (x: bf16[128,32,32,128], w: bf16[128,3,3,128]) -> bf16[128,32,32,128] {
+  %x = bf16[128,32,32,128]{3,2,1,0} parameter(0)
+  %w = bf16[128,3,3,128]{3,2,1,0} parameter(1)
+  %call = bf16[128,32,32,128]{3,2,1,0} call(%x, %w), to_apply=%command_buffer
+  %zero = s32[] constant(0)
+  %init = (s32[], bf16[128,32,32,128]{3,2,1,0}) tuple(%zero, %call)
+  %while = (s32[], bf16[128,32,32,128]{3,2,1,0}) while(%init), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"3"},"known_init_step":{"init":"0","step":"1"}}
+  ROOT %out = bf16[128,32,32,128]{3,2,1,0} get-tuple-element(%while), index=1
+}
+'''
+
+
+def test_kernels_of_command_buffers_and_loops_count_once_per_launch():
+  """A command buffer's kernels are the program's kernels (marked with their graph), and what one run launches
+  holds a loop body's kernels once per iteration; kernel_times times them there as anywhere."""
+  from bench import gpu_program, kernel_times
+  act = 128 * 32 * 32 * 128 * 2
+  entry = gpu_program.kernels(_LOOP_PROGRAM)
+  assert [(k['name'], k.get('graph')) for k in entry] == [('cudnn-conv.1', 'command_buffer'),
+                                                         ('loop_add_fusion.5', 'command_buffer')]
+  assert entry[1]['bytes'] == 3 * act  # its operands are the command buffer's parameters
+  launched = gpu_program.kernels(_LOOP_PROGRAM, launched=True)
+  assert [k['name'] for k in launched] == ['cudnn-conv.1', 'loop_add_fusion.5'] + ['loop_add_fusion.6'] * 3
+  kernels = kernel_times.program_kernels(_LOOP_PROGRAM)
+  leftover = kernel_times.attribute(kernels, kernel_times.read_results(_RESULTS))
+  s = kernel_times.summarize(kernels, leftover, bandwidth=4.8e12, call_ms=1.0, top=3)
+  assert (s['kernels'], s['graph_kernels'], s['timed_kernels'], s['timed_ms']) == (5, 2, 1, 0.05)
+  assert s['other_gb'] == pytest.approx(4 * 3 * act / 1e9, abs=1e-3)  # the four add launches, each 3 activations
+
+
 def test_kernel_times_reads_a_device_runs_output_folder(tmp_path):
-  """--run pairs each returned program (hlo.tar) with its row's measured time (train.log) and every autotune file;
-  rows without a program and programs without a row (4 steps per call) are left out."""
+  """--run pairs each returned program (hlo.tar; the `graphs` step's in hlo_graphs.tar) with its row's measured
+  time per call (train.log, graphs.log) and reads every autotune file; rows without a program and programs
+  without a row are left out."""
   import gzip
   import io
   import json
   import tarfile
   from bench import kernel_times
-  with tarfile.open(tmp_path / 'hlo.tar', 'w') as tar:
-    for name in ('bfloat16_b128_k1_base', 'bfloat16_b128_k4_base'):
-      data = gzip.compress(_PROGRAM.encode())
-      info = tarfile.TarInfo(f'hlo/{name}.hlo.txt.gz')
-      info.size = len(data)
-      tar.addfile(info, io.BytesIO(data))
-  rows = [{'what': 'device'}, {'what': 'train', 'impl': 'ours jax bfloat16', 'batch': 128, 'steps_per_call': 1,
-                               'variant': 'base', 'step_ms': 1.5},
-          {'what': 'train', 'impl': 'ours jax bfloat16', 'batch': 512, 'steps_per_call': 1, 'variant': 'base',
-           'step_ms': 6.0}]
-  (tmp_path / 'train.log').write_text(''.join(json.dumps(r) + '\n' for r in rows))
+  for archive, names in (('hlo', ('bfloat16_b128_k1_base', 'bfloat16_b128_k2_base')),
+                         ('hlo_graphs', ('bfloat16_b128_k3_base',))):
+    with tarfile.open(tmp_path / f'{archive}.tar', 'w') as tar:
+      for name in names:
+        data = gzip.compress(_PROGRAM.encode())
+        info = tarfile.TarInfo(f'{archive}/{name}.hlo.txt.gz')
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+  row = lambda batch, k, ms: {'what': 'train', 'impl': 'ours jax bfloat16', 'batch': batch, 'steps_per_call': k,
+                              'variant': 'base', 'step_ms': ms}
+  (tmp_path / 'train.log').write_text(''.join(json.dumps(r) + '\n' for r in (
+      {'what': 'device'}, row(128, 1, 1.5), row(512, 1, 6.0))))
+  (tmp_path / 'graphs.log').write_text(''.join(json.dumps(r) + '\n' for r in (row(128, 1, 1.25), row(128, 3, 1.0))))
+  (tmp_path / 'peer.log').write_text(json.dumps({'what': 'train', 'impl': 'diffusers torch.compile bf16-autocast',
+                                                 'batch': 128, 'step_ms': 3.0}) + '\n')
   (tmp_path / 'autotune_train.textproto').write_text(_RESULTS)
   entries, programs, times = kernel_times.run_rows(str(tmp_path))
-  assert len(entries) == 6 and sorted(programs) == ['bfloat16_b128_k1_base', 'bfloat16_b128_k4_base']
-  assert times == {'bfloat16_b128_k1_base': 1.5, 'bfloat16_b512_k1_base': 6.0}
+  assert len(entries) == 6
+  assert sorted(programs) == ['bfloat16_b128_k1_base', 'bfloat16_b128_k2_base', 'graphs/bfloat16_b128_k3_base']
+  assert times == {'bfloat16_b128_k1_base': (1.5, 1), 'bfloat16_b512_k1_base': (6.0, 1),
+                   'graphs/bfloat16_b128_k1_base': (1.25, 1), 'graphs/bfloat16_b128_k3_base': (3.0, 3)}
 
 
 def test_kernel_times_match_xla_gpus_own_autotuning_keys():
