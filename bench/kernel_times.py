@@ -23,19 +23,20 @@ Limits: a run time is XLA's measurement of the kernel alone, warm, on its own bu
 differ, e.g. with a cold L2); an entry measured once stands for every launch of its key (entries that share a key
 are averaged, `ambiguous`); an instruction XLA did not have to choose for may carry no time; entries the program no
 longer holds (e.g. a GEMM fusion then handed to cuBLAS) are left over. The kernels are those one run of the program
-launches: a command buffer's (CUDA graph's) kernels are counted (`graph_kernels` says how many ran in graphs), a
-loop body's once per iteration (several steps per call), and every figure is per run (per call).
+launches: those of command buffers (CUDA graphs) the HLO shows are counted and `graph_kernels` says how many (XLA
+versions that form graphs from the thunk sequence leave no trace in the HLO), a loop body's once per iteration
+(several steps per call); every figure is per run of the program (per call).
 
   python bench/kernel_times.py AUTOTUNE.textproto [...] --hlo PROGRAM.hlo.txt.gz [--call_ms 64.9]
       [--target h200] [--top 15]
   python bench/kernel_times.py --run OUT_DIR [--target h200]   # every program of a device_run.sh call
 
---run reads what a bench/device_run.sh call returned (its autotune_*.textproto, hlo.tar, and the *.log rows) and
-prints one line per program that has a timed row: the training steps (those of the `graphs` step, run with
-command buffers, as graphs/<row>) and the forward rows (the other programs' entries in the same files count as
-unmatched). A program compiled here for the GPU description
-(bench/gpu_program.py --hlo, e.g. a variant not yet run) can be read against a device run's entries the same way:
-its unchanged kernels get their device times, the new ones their bytes at bandwidth.
+--run reads what a bench/device_run.sh call returned (its autotune_*.textproto, hlo.tar and hlo_graphs.tar, and the
+*.log rows) and prints one line per program that has a timed row: the training steps (those of the `graphs` step,
+run with command buffers, as graphs/<row>) and the forward rows (the other programs' entries in the same files
+count as unmatched). A program compiled here for the GPU description (bench/gpu_program.py --hlo, e.g. a variant
+not yet run) can be read against a device run's entries the same way: its unchanged kernels get their device
+times, the new ones their bytes at bandwidth.
 """
 
 import argparse
@@ -288,7 +289,8 @@ def summarize(kernels: list[dict], leftover: dict, bandwidth: float, call_ms: fl
     row.update(ms=round(row['ms'], 3), gflop=round(row['gflop'], 1), gb=round(row['gb'], 3))
   timed_ms = sum(k['run_ms'] for k in timed)
   untimed_gb = sum(k['bytes'] for k in untimed) / 1e9
-  out = {'kernels': len(kernels), 'graph_kernels': sum('graph' in k for k in kernels), 'timed_kernels': len(timed), 'timed_ms': round(timed_ms, 3),
+  out = {'kernels': len(kernels), 'graph_kernels': sum('graph' in k for k in kernels), 'timed_kernels': len(timed),
+         'timed_ms': round(timed_ms, 3),
          'ambiguous_kernels': sum(k['ambiguous'] for k in timed),
          'matched_by': dict(collections.Counter(k['match'] for k in timed)), **leftover,
          'per_kind': dict(sorted(per_kind.items(), key=lambda kv: -kv[1]['ms'])),
