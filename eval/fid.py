@@ -24,15 +24,23 @@ class FeatureExtractor:
   """uint8 images -> (pool3 features [N, 2048] float32, logits [N, 1008] or None) as numpy arrays."""
 
   def __init__(self, weights: str | None = None, batch_size: int = 250, *, cache_dir: str | None = None,
-               model: inception.InceptionV3 | None = None, mesh: jax.sharding.Mesh | None = None):
+               model: inception.InceptionV3 | None = None, mesh: jax.sharding.Mesh | None = None,
+               per_image: bool | None = None):
+    """per_image: run the network image by image inside the compiled batch (lax.map); None chooses it on a
+    single CPU device, where a batch's activations at 299x299 outgrow the caches (100 images' first 147x147x64
+    maps alone are 553 MB): on 2 cores 10.0 s against 16.5 s per 100 images (bench/RESULTS.md)."""
     self.model = model if model is not None else inception_weights.load_inception(weights, cache_dir=cache_dir)
     self.batch_size = batch_size
     self.has_logits = self.model.fc is not None
     blocks = ('pool3', 'logits') if self.has_logits else ('pool3',)
     graphdef, state = nnx.split(self.model)
+    self.per_image = per_image if per_image is not None else mesh is None and jax.default_backend() == 'cpu'
 
     def run(state, u8):  # uint8 -> [0, 1] fused into the program
-      return nnx.merge(graphdef, state)(u8.astype(jnp.float32) / 255.0, blocks)
+      net = lambda u8: nnx.merge(graphdef, state)(u8.astype(jnp.float32) / 255.0, blocks)
+      if self.per_image:  # a loop over the batch's images, one per iteration, their outputs stacked
+        return jax.lax.map(lambda x: jax.tree.map(lambda v: v[0], net(x[None])), u8)
+      return net(u8)
 
     self._images_sharding = None
     if mesh is None:

@@ -109,6 +109,24 @@ def test_random_weight_logits_are_fc_of_pool3(random_outputs, random_state_dict)
     assert rel_err(random_outputs[size]['logits'], ref) < TOL
 
 
+@pytest.mark.parametrize('per_image', [True, False])
+def test_feature_extractor_matches_pytorch_fid_image_by_image_or_batched(random_state_dict, per_image):
+  """fid.FeatureExtractor on uint8 images (a padded last batch) gives pytorch-fid's pool3 features and logits,
+  whether it runs the network image by image inside its program (its choice on one CPU device, where that is
+  faster) or on the whole batch."""
+  from eval import fid
+  extractor = fid.FeatureExtractor(batch_size=3, model=weights.from_state_dict(random_state_dict),
+                                   per_image=per_image)
+  assert fid.FeatureExtractor(batch_size=3, model=extractor.model).per_image == (jax.default_backend() == 'cpu')
+  images = np.concatenate([RANDOM['s32_images'], RANDOM['s32_images'][::-1]])  # 4 images: batches of 3 and 1
+  with jax.default_matmul_precision('highest'):
+    feats, logits = extractor(images)
+  ref = np.concatenate([RANDOM['s32_pool3'], RANDOM['s32_pool3'][::-1]])
+  assert rel_err(feats, ref) < TOL
+  fc = random_state_dict['fc.weight'].T.astype(np.float64)
+  assert rel_err(logits, ref.astype(np.float64) @ fc + random_state_dict['fc.bias']) < TOL
+
+
 def test_blocks_must_be_known():
   model = inception.InceptionV3(with_logits=False)
   with pytest.raises(ValueError, match='unknown Inception blocks'):
