@@ -102,11 +102,14 @@ def test_random_weight_parity_all_blocks(random_outputs, size):
   assert max(errors.values()) < TOL, errors
 
 
+def fc_of(pool3: np.ndarray, state_dict) -> np.ndarray:
+  """pytorch-fid's logits of pool3 features, in float64."""
+  return pool3.astype(np.float64) @ state_dict['fc.weight'].T.astype(np.float64) + state_dict['fc.bias']
+
+
 def test_random_weight_logits_are_fc_of_pool3(random_outputs, random_state_dict):
   for size in mk.SIZES:
-    ref = RANDOM[f's{size}_pool3'].astype(np.float64) @ random_state_dict['fc.weight'].T.astype(np.float64)
-    ref += random_state_dict['fc.bias']
-    assert rel_err(random_outputs[size]['logits'], ref) < TOL
+    assert rel_err(random_outputs[size]['logits'], fc_of(RANDOM[f's{size}_pool3'], random_state_dict)) < TOL
 
 
 @pytest.mark.parametrize('per_image', [True, False])
@@ -123,8 +126,7 @@ def test_feature_extractor_matches_pytorch_fid_image_by_image_or_batched(random_
     feats, logits = extractor(images)
   ref = np.concatenate([RANDOM['s32_pool3'], RANDOM['s32_pool3'][::-1]])
   assert rel_err(feats, ref) < TOL
-  fc = random_state_dict['fc.weight'].T.astype(np.float64)
-  assert rel_err(logits, ref.astype(np.float64) @ fc + random_state_dict['fc.bias']) < TOL
+  assert rel_err(logits, fc_of(ref, random_state_dict)) < TOL
 
 
 def test_blocks_must_be_known():
