@@ -283,7 +283,6 @@ def check_single_reference(out: str):
 if __name__ == '__main__':
   check = sys.argv[1]
   if check == 'multihost':
-    import jax.experimental.multihost_utils  # noqa: F401
     check_multihost(int(sys.argv[2]), sys.argv[3], sys.argv[4])
   elif check == 'reference':
     check_single_reference(sys.argv[2])

@@ -12,7 +12,7 @@ from flax import nnx
 from PIL import Image
 
 from data import scaler
-from diffusion import losses, processes
+from diffusion import processes
 from models.unet import UNet, UNetConfig
 from models.vae import sample_posterior
 from train import latent, step as step_lib

@@ -28,7 +28,7 @@ def _one_error(proc, *needles):
 
 
 def test_unknown_override_key(tmp_path):
-  line = _one_error(main_py('--config.model.nff=64', workdir=str(tmp_path)), 'model.nff', "'nf'")
+  _one_error(main_py('--config.model.nff=64', workdir=str(tmp_path)), 'model.nff', "'nf'")
   assert not os.listdir(tmp_path), 'nothing is written before the config is valid'
   _one_error(main_py('--config.trainig.batch_size=4', workdir=str(tmp_path)), 'trainig', "'training'")
   # without --config the default config file is loaded (and its overrides applied) while flags are defined

@@ -5,7 +5,6 @@ arguments of the modules it builds (`build_*`). Read it top to bottom: set-up, r
 """
 
 import copy
-import dataclasses
 import json
 import os
 import re
