@@ -307,7 +307,7 @@ def summarize(kernels: list[dict], leftover: dict, bandwidth: float, call_ms: fl
   return out
 
 
-_PROGRAMS_OF = {'graphs.log': 'hlo_graphs.tar'}  # where a log's rows' programs are (device_run.sh); else hlo.tar
+_PREFIX = {'graphs.log': 'graphs/', 'hlo_graphs.tar': 'graphs/'}  # device_run.sh's graphs step
 
 
 def run_rows(folder: str) -> tuple[list[dict], dict[str, str], dict[str, tuple[float, int]]]:
@@ -316,7 +316,6 @@ def run_rows(folder: str) -> tuple[list[dict], dict[str, str], dict[str, tuple[f
   (train_throughput / sample_throughput.row_name), those of the `graphs` step (run under command-buffer flags,
   returned in hlo_graphs.tar) prefixed 'graphs/'."""
   from bench import sample_throughput, train_throughput
-  prefix = lambda archive: '' if archive == 'hlo.tar' else archive[len('hlo_'):-len('.tar')] + '/'
   entries, programs, times = [], {}, {}
   for name in sorted(os.listdir(folder)):
     path = os.path.join(folder, name)
@@ -327,10 +326,10 @@ def run_rows(folder: str) -> tuple[list[dict], dict[str, str], dict[str, tuple[f
       with tarfile.open(path) as tar:
         for member in tar.getmembers():
           if member.name.endswith('.hlo.txt.gz'):
-            program = prefix(name) + os.path.basename(member.name)[:-len('.hlo.txt.gz')]
+            program = _PREFIX.get(name, '') + os.path.basename(member.name)[:-len('.hlo.txt.gz')]
             programs[program] = gzip.decompress(tar.extractfile(member).read()).decode()
     elif name.endswith('.log'):
-      pre = prefix(_PROGRAMS_OF.get(name, 'hlo.tar'))
+      pre = _PREFIX.get(name, '')
       with open(path) as f:
         for line in f:
           row = json.loads(line) if line.startswith('{') else {}
